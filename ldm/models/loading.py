@@ -1,0 +1,272 @@
+"""The one way to build a model from a config and load a checkpoint into it (every script, notebook and test).
+
+Reads ``.ckpt`` (PyTorch zip or legacy pickle) with ``torch.load(weights_only=True)`` and ``.safetensors``;
+never unpickles arbitrary objects. Parameters are created on the ``meta`` device and the checkpoint's
+tensors are assigned to them, so a full-size model is not randomly initialised first.
+"""
+
+import contextlib
+import logging
+import pickle
+import re
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import safetensors
+import safetensors.torch
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ldm.modules.ema import LitEma
+from ldm.util import InputError, instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+ALLOWED_TARGET_PREFIXES = ("ldm.", "torch.nn.")
+
+
+class CheckpointError(InputError):
+    """A checkpoint file cannot be read, is unsafe, or does not fit the model."""
+
+
+class ConfigError(InputError):
+    """A model config cannot be read or names something we will not build."""
+
+
+class _IgnoredObject:
+    """Stands in for harmless non-tensor objects that training checkpoints carry (e.g. a callback's class)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+# Globals real SD checkpoints reference besides tensors: PyTorch Lightning stores its ModelCheckpoint
+# callback class as a dict key; NumPy scalars and dtypes appear in callback state. None of them runs code here.
+_SAFE_GLOBALS = [
+    (_IgnoredObject, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+    (_IgnoredObject, "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint"),
+    (np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+    (np._core.multiarray.scalar, "numpy._core.multiarray.scalar"),
+    (np.dtype, "numpy.dtype"),
+    *((type(np.dtype(t)), f"numpy.dtypes.{type(np.dtype(t)).__name__}") for t in
+      ("f2", "f4", "f8", "i4", "i8", "u1", "?")),
+]
+
+_READ_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError,
+                OSError, struct.error, zipfile.BadZipFile, safetensors.SafetensorError, UnicodeDecodeError)
+
+
+@dataclass
+class Checkpoint:
+    state_dict: dict[str, torch.Tensor]
+    global_step: int | None = None
+
+
+@dataclass
+class LoadReport:
+    """How a state dict matched a model: loaded, missing from the file, unexpected in it, skipped on purpose."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = (f"loaded {len(self.loaded)} tensors; {len(self.missing)} missing, "
+                f"{len(self.unexpected)} unexpected, {len(self.skipped)} skipped")
+        for name, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
+            if keys:
+                text += f"; first {name}: {', '.join(keys[:3])}"
+        return text
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with an 8-byte header length followed by a JSON object."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < path.stat().st_size
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint's tensors without executing any code stored in it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        if _is_safetensors(path):
+            return Checkpoint(safetensors.torch.load_file(path))
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            content = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as error:
+        unsafe = re.search(r"GLOBAL (\S+)", str(error))
+        if unsafe:
+            raise CheckpointError(f"refusing to load {path}: it contains a pickled object ({unsafe.group(1)}) that "
+                                  "could run code; convert it to .safetensors with a tool you trust") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch or safetensors file, "
+                              "or truncated") from None
+    except _READ_ERRORS as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch or safetensors file, "
+                              f"or truncated ({reason})") from None
+    return _checkpoint_from_content(content, path)
+
+
+def _checkpoint_from_content(content: Any, path: Path) -> Checkpoint:
+    if not isinstance(content, Mapping):
+        raise CheckpointError(f"{path} holds a {type(content).__name__}, not a state dict")
+    global_step = content.get("global_step")
+    state_dict = content.get("state_dict", content)
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"{path}: its 'state_dict' entry is not a mapping of tensors")
+    tensors = {k: v for k, v in state_dict.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path} contains no tensors")
+    return Checkpoint(tensors, int(global_step) if isinstance(global_step, (int, np.integer)) else None)
+
+
+def load_config(config: str | Path | Mapping) -> DictConfig:
+    """Read a YAML model config (or take a mapping) and check it builds only ``ldm.*`` and ``torch.nn.*`` classes."""
+    if isinstance(config, (str, Path)):
+        if not Path(config).is_file():
+            raise ConfigError(f"config not found: {config}")
+        try:
+            config = OmegaConf.load(config)
+        except Exception as error:  # OmegaConf/YAML raise many types; all mean "not a valid config file"
+            raise ConfigError(f"cannot read config {config}: {str(error).splitlines()[0]}") from None
+    config = OmegaConf.create(config) if not isinstance(config, DictConfig) else config
+    if "model" not in config or "target" not in config.model:
+        raise ConfigError("config has no 'model.target': is it a latent-diffusion model config?")
+    _check_targets(OmegaConf.to_container(config.model))
+    return config
+
+
+def _check_targets(node: Any) -> None:
+    if isinstance(node, Mapping):
+        target = node.get("target")
+        if isinstance(target, str) and not target.startswith(ALLOWED_TARGET_PREFIXES):
+            raise ConfigError(f"config names {target!r}; only ldm.* and torch.nn.* classes are built from configs")
+        for value in node.values():
+            _check_targets(value)
+    elif isinstance(node, list):
+        for value in node:
+            _check_targets(value)
+
+
+def build_model(config: str | Path | Mapping, meta: bool = False) -> nn.Module:
+    """The model a config describes, with freshly initialised weights.
+
+    ``meta=True`` creates the parameters on the meta device instead: the layout without memory or
+    initialisation time, for loading a checkpoint into (``load_state_dict(..., assign=True)``).
+    """
+    config = load_config(config)
+    with _parameters_on_meta() if meta else contextlib.nullcontext():
+        return instantiate_from_config(config.model)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Create every ``nn.Parameter`` on the meta device (no memory, no initialisation); buffers stay real."""
+    register_parameter = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register_parameter(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register_parameter
+
+
+def _is_skipped(key: str, model: nn.Module) -> bool:
+    """Checkpoint entries the model does not use, on purpose.
+
+    ``model_ema.*`` when the config has ``use_ema: False`` (the original loads the non-EMA weights then too);
+    the text encoder's ``position_ids``, which newer transformers recompute instead of storing.
+    """
+    if key.startswith("model_ema.") and not hasattr(model, "model_ema"):
+        return True
+    return key.startswith("cond_stage_model.") and key.endswith(".position_ids")
+
+
+def match_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> LoadReport:
+    """Compare a state dict with a model's; raise if shapes disagree or nothing matches."""
+    expected = model.state_dict(keep_vars=True)
+    report = LoadReport()
+    mismatched = []
+    for key, tensor in state_dict.items():
+        if key in expected:
+            report.loaded.append(key)
+            if tuple(tensor.shape) != tuple(expected[key].shape):
+                mismatched.append(f"{key} is {tuple(tensor.shape)} in the checkpoint, {tuple(expected[key].shape)} "
+                                  "in the model")
+        elif _is_skipped(key, model):
+            report.skipped.append(key)
+        else:
+            report.unexpected.append(key)
+    report.missing = [key for key in expected if key not in state_dict]
+    if not report.loaded:
+        raise CheckpointError(f"the checkpoint matches none of the model's {len(expected)} weights: "
+                              "is it a Stable Diffusion v1 checkpoint for this config?")
+    if mismatched:
+        raise CheckpointError(f"the checkpoint does not fit this config ({len(mismatched)} shape mismatches; "
+                              f"{mismatched[0]}): check --config")
+    return report
+
+
+def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], assign: bool = False) -> LoadReport:
+    """Load the matching entries of ``state_dict`` into ``model`` and report what matched."""
+    report = match_state_dict(model, state_dict)
+    model.load_state_dict({key: state_dict[key] for key in report.loaded}, strict=False, assign=assign)
+    return report
+
+
+def _has_meta_tensors(model: nn.Module) -> bool:
+    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+
+
+def _restart_ema(model: nn.Module, report: LoadReport) -> None:
+    """A config with ``use_ema: True`` and a checkpoint without EMA weights: start the EMA from the weights."""
+    if hasattr(model, "model_ema") and any(key.startswith("model_ema.") for key in report.missing):
+        logger.warning("checkpoint has no EMA weights; starting the EMA from the loaded weights")
+        model.model_ema = LitEma(model.model)
+        report.missing = [key for key in report.missing if not key.startswith("model_ema.")]
+
+
+def _place(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Move submodules to ``device``/``dtype``; the model's own schedule buffers stay float32 for precision."""
+    for child in model.children():
+        child.to(device=device, dtype=dtype)
+    for name, buffer in model.named_buffers(recurse=False):
+        setattr(model, name, buffer.to(device=device, dtype=torch.float32 if buffer.is_floating_point() else None))
+
+
+def load_model(config: str | Path | Mapping, ckpt: str | Path, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Build the model of ``config``, load ``ckpt`` into it, and return it in eval mode on ``device``."""
+    config = load_config(config)
+    checkpoint = read_checkpoint(ckpt)
+    if checkpoint.global_step is not None:
+        logger.info("Global Step: %d", checkpoint.global_step)
+    model = build_model(config, meta=True)
+    report = load_state_dict(model, checkpoint.state_dict, assign=True)
+    _restart_ema(model, report)
+    if _has_meta_tensors(model):
+        logger.warning("checkpoint lacks %d model weights; they keep their random initial values",
+                       len(report.missing))
+        model = build_model(config)
+        report = load_state_dict(model, checkpoint.state_dict)
+        _restart_ema(model, report)
+    logger.info("%s: %s", Path(ckpt).name, report.summary())
+    _place(model, device, dtype)
+    return model.eval()

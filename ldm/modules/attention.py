@@ -1,0 +1,119 @@
+"""Cross-attention transformer used inside the UNet (Rombach et al. 2022, §3.3).
+
+``SpatialTransformer`` flattens a feature map to tokens, runs ``BasicTransformerBlock``s
+(self-attention, cross-attention on the text context, gated feed-forward) and adds the result back.
+Attention is ``torch.nn.functional.scaled_dot_product_attention``: softmax(q·kᵀ/√d)·v, no mask.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.modules.diffusionmodules.util import checkpoint, zero_module
+
+
+class GEGLU(nn.Module):
+    """Gated GELU (Shazeer 2020): one projection split into a value half and a gate half, value · GELU(gate)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU to ``mult·dim`` hidden units, dropout, linear back to ``dim``."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        inner_dim = dim * mult
+        self.net = nn.Sequential(GEGLU(dim, inner_dim), nn.Dropout(dropout), nn.Linear(inner_dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of ``x`` on ``context`` (on ``x`` itself when no context is given).
+
+    q, k, v projections have no bias; the output projection has one. x: (B, N, query_dim),
+    context: (B, M, context_dim) → (B, N, query_dim).
+    """
+
+    def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64,
+                 dropout: float = 0.0):
+        super().__init__()
+        inner_dim = dim_head * heads
+        context_dim = query_dim if context_dim is None else context_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        q, k, v = (self._split_heads(proj(inp)) for proj, inp in
+                   ((self.to_q, x), (self.to_k, context), (self.to_v, context)))
+        out = F.scaled_dot_product_attention(q, k, v)
+        batch, heads, tokens, dim_head = out.shape
+        return self.to_out(out.transpose(1, 2).reshape(batch, tokens, heads * dim_head))
+
+    def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = t.shape
+        return t.view(batch, tokens, self.heads, -1).transpose(1, 2)
+
+
+class BasicTransformerBlock(nn.Module):
+    """x += attn1(norm1 x); x += attn2(norm2 x, context); x += ff(norm3 x)."""
+
+    def __init__(self, dim: int, n_heads: int, d_head: int, dropout: float = 0.0, context_dim: int | None = None,
+                 use_checkpoint: bool = True):
+        super().__init__()
+        self.attn1 = CrossAttention(query_dim=dim, heads=n_heads, dim_head=d_head, dropout=dropout)
+        self.ff = FeedForward(dim, dropout=dropout)
+        self.attn2 = CrossAttention(query_dim=dim, context_dim=context_dim, heads=n_heads, dim_head=d_head,
+                                    dropout=dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.use_checkpoint = use_checkpoint
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return checkpoint(self._forward, (x, context), self.use_checkpoint)
+
+    def _forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context=context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the pixels of a feature map: GroupNorm, 1×1 conv in, blocks, 1×1 conv out, residual.
+
+    x: (B, C, H, W), context: (B, M, context_dim) → (B, C, H, W).
+    """
+
+    def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1, dropout: float = 0.0,
+                 context_dim: int | None = None, use_checkpoint: bool = True):
+        super().__init__()
+        inner_dim = n_heads * d_head
+        self.norm = nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
+        self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner_dim, n_heads, d_head, dropout=dropout, context_dim=context_dim,
+                                  use_checkpoint=use_checkpoint)
+            for _ in range(depth))
+        self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, kernel_size=1))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        h = self.proj_in(self.norm(x))
+        h = h.flatten(2).transpose(1, 2)
+        for block in self.transformer_blocks:
+            h = block(h, context=context)
+        h = h.transpose(1, 2).reshape(batch, -1, height, width)
+        return self.proj_out(h) + x

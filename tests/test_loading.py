@@ -1,0 +1,172 @@
+"""The one checkpoint loader: .ckpt and .safetensors, safe unpickling, clear errors, no wasted initialisation."""
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from safetensors.torch import save_file
+
+from conftest import TINY_CONFIG, V1_CONFIG
+from ldm.models.loading import CheckpointError, ConfigError, build_model, load_model, read_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_state_dict(tiny_model):
+    return {k: v.clone() for k, v in tiny_model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny_state_dict, tmp_path_factory):
+    """A checkpoint shaped like the original's: Lightning wrapper, callback class as a key, NumPy scalars."""
+    path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
+    torch.save({"state_dict": tiny_state_dict, "global_step": 470000, "epoch": np.int64(6),
+                "pytorch-lightning_version": "1.4.2",
+                "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.12), "monitor": "val/loss",
+                                                "current_score": np.float64(0.13)}}}, path)
+    return path
+
+
+def assert_same_weights(model, state_dict):
+    ours = model.state_dict()
+    assert set(ours) == set(state_dict)
+    for key, tensor in state_dict.items():
+        assert torch.equal(ours[key], tensor), key
+
+
+def test_ckpt_and_safetensors_give_identical_models(tiny_ckpt, tiny_state_dict, tmp_path, caplog):
+    safetensors_path = tmp_path / "model.safetensors"
+    save_file(tiny_state_dict, safetensors_path)
+    with caplog.at_level(logging.INFO):
+        from_ckpt = load_model(TINY_CONFIG, tiny_ckpt)
+    assert "Global Step: 470000" in caplog.text
+    from_safetensors = load_model(TINY_CONFIG, safetensors_path)
+    assert_same_weights(from_ckpt, tiny_state_dict)
+    assert_same_weights(from_safetensors, tiny_state_dict)
+    assert not from_ckpt.training
+    x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([500.0]), from_ckpt.get_learned_conditioning(["a cat"])
+    with torch.no_grad():  # equal weights; kernels may round differently on differently aligned memory
+        torch.testing.assert_close(from_ckpt.apply_model(x, t, context), from_safetensors.apply_model(x, t, context),
+                                   rtol=0, atol=1e-5)
+
+
+def test_loading_initialises_no_weights(tiny_ckpt, monkeypatch):
+    def refuse(tensor, *args, **kwargs):
+        assert tensor.is_meta, "a real tensor was initialised before being overwritten"
+        return tensor
+
+    for name in ("kaiming_uniform_", "uniform_", "normal_", "zeros_", "ones_", "trunc_normal_"):
+        monkeypatch.setattr(torch.nn.init, name, refuse)
+    monkeypatch.setattr(torch.Tensor, "normal_", lambda tensor, *a, **k: refuse(tensor))
+    load_model(TINY_CONFIG, tiny_ckpt)
+
+
+def test_a_pickle_that_runs_code_is_refused_and_does_not_run(tiny_state_dict, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": tiny_state_dict, "payload": Exploit()}, path)
+    with pytest.raises(CheckpointError, match="could run code") as error:
+        load_model(TINY_CONFIG, path)
+    assert "\n" not in str(error.value) and "posix.system" in str(error.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated ckpt", "truncated safetensors", "random bytes", "empty", "text"])
+def test_a_damaged_file_gives_a_one_line_error(damage, tiny_ckpt, tiny_state_dict, tmp_path):
+    path = tmp_path / "model.ckpt"
+    if damage == "truncated ckpt":
+        data = tiny_ckpt.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "truncated safetensors":
+        save_file(tiny_state_dict, tmp_path / "full.safetensors")
+        data = (tmp_path / "full.safetensors").read_bytes()
+        path = tmp_path / "model.safetensors"
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        path.write_text("model:\n  target: not a checkpoint\n")
+    with pytest.raises(CheckpointError) as error:
+        load_model(TINY_CONFIG, path)
+    assert "\n" not in str(error.value) and str(path) in str(error.value)
+
+
+def test_missing_checkpoint_or_config_is_a_clear_error(tiny_ckpt, tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(TINY_CONFIG, tmp_path / "nope.ckpt")
+    with pytest.raises(ConfigError, match="not found"):
+        load_model(tmp_path / "nope.yaml", tiny_ckpt)
+
+
+def test_a_checkpoint_that_matches_nothing_is_refused(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"encoder.weight": torch.zeros(3, 3)}, path)
+    with pytest.raises(CheckpointError, match="matches none"):
+        load_model(TINY_CONFIG, path)
+
+
+def test_a_checkpoint_for_another_architecture_names_the_mismatch(tiny_ckpt):
+    with pytest.raises(CheckpointError, match="does not fit this config"):
+        load_model(V1_CONFIG, tiny_ckpt)
+
+
+def test_ema_weights_and_position_ids_are_skipped_and_reported(tiny_state_dict, tmp_path, caplog):
+    state_dict = dict(tiny_state_dict)
+    state_dict["model_ema.diffusion_modelout2bias"] = torch.zeros(4)
+    state_dict["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77.0)[None] - 1e-4
+    state_dict["some.unknown.weight"] = torch.zeros(1)
+    path = tmp_path / "full-ema.safetensors"
+    save_file(state_dict, path)
+    with caplog.at_level(logging.INFO):
+        model = load_model(TINY_CONFIG, path)
+    assert "1 unexpected, 2 skipped" in caplog.text and "some.unknown.weight" in caplog.text
+    position_ids = model.cond_stage_model.transformer.text_model.embeddings.position_ids
+    assert torch.equal(position_ids, torch.arange(77)[None])
+
+
+def test_missing_weights_keep_an_initialisation_and_are_reported(tiny_state_dict, tmp_path, caplog):
+    state_dict = {k: v for k, v in tiny_state_dict.items() if not k.startswith("first_stage_model.decoder.")}
+    path = tmp_path / "partial.safetensors"
+    save_file(state_dict, path)
+    model = load_model(TINY_CONFIG, path)
+    assert "lacks" in caplog.text
+    assert not any(p.is_meta for p in model.parameters())
+    assert torch.equal(model.state_dict()["model.diffusion_model.out.2.weight"],
+                       tiny_state_dict["model.diffusion_model.out.2.weight"])
+
+
+def test_half_checkpoint_loads_into_the_requested_dtype_with_a_float32_schedule(tiny_state_dict, tmp_path):
+    path = tmp_path / "fp16.safetensors"
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in tiny_state_dict.items()}, path)
+    model = load_model(TINY_CONFIG, path)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    bf16 = load_model(TINY_CONFIG, path, dtype=torch.bfloat16)
+    assert bf16.model.diffusion_model.out[2].weight.dtype == torch.bfloat16
+    assert bf16.alphas_cumprod.dtype == torch.float32
+    with torch.no_grad():
+        out = bf16.apply_model(torch.randn(1, 4, 8, 8), torch.tensor([10.0]), bf16.get_learned_conditioning([""]))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_raw_state_dict_without_wrapper_loads(tiny_state_dict, tmp_path):
+    path = tmp_path / "raw.pt"
+    torch.save(tiny_state_dict, path)
+    assert read_checkpoint(path).global_step is None
+    assert_same_weights(load_model(TINY_CONFIG, path), tiny_state_dict)
+
+
+def test_config_may_only_build_ldm_and_torch_nn_classes(tmp_path):
+    config = TINY_CONFIG.read_text().replace("target: torch.nn.Identity", "target: os.system")
+    path = tmp_path / "evil.yaml"
+    path.write_text(config)
+    with pytest.raises(ConfigError, match="os.system"):
+        build_model(path)

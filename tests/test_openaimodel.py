@@ -1,0 +1,40 @@
+"""The UNet: original checkpoint layout, and the same outputs as diffusers' UNet2DConditionModel on the same weights."""
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+
+from ldm.util import count_params
+
+
+def diffusers_unet(original_config: dict, state_dict: dict, meta: bool = False) -> UNet2DConditionModel:
+    """diffusers' UNet with our weights, converted by diffusers' own single-file converter (strict load)."""
+    config = create_unet_diffusers_config_from_ldm(original_config, state_dict, image_size=512)
+    converted = convert_ldm_unet_checkpoint(state_dict, config)
+    with torch.device("meta") if meta else torch.device("cpu"):
+        unet = UNet2DConditionModel(**config)
+    unet.load_state_dict(converted, strict=True, assign=meta)
+    return unet.eval()
+
+
+def test_v1_unet_has_original_layout_and_size(v1_meta_model, v1_original_config):
+    assert round(count_params(v1_meta_model.model) / 1e6, 2) == 859.52
+    state_dict = v1_meta_model.state_dict()
+    unet = diffusers_unet(v1_original_config, state_dict, meta=True)
+    ours = {k: v.shape for k, v in state_dict.items() if k.startswith("model.diffusion_model.")}
+    assert len(ours) == len(unet.state_dict()) == 686
+    assert ours["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"] == (320, 768)
+    assert ours["model.diffusion_model.output_blocks.5.0.skip_connection.weight"] == (1280, 1920, 1, 1)
+
+
+def test_tiny_unet_matches_diffusers(tiny_model, tiny_original_config):
+    unet = diffusers_unet(tiny_original_config, tiny_model.state_dict())
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 16, 24, generator=generator)
+    t = torch.tensor([981.0, 37.5])
+    context = torch.randn(2, 77, 32, generator=generator)
+    with torch.no_grad():
+        ours = tiny_model.apply_model(x, t, context)
+        theirs = unet(x, t, encoder_hidden_states=context).sample
+    assert ours.abs().mean() > 0.1
+    assert (ours - theirs).abs().max() <= 1e-4

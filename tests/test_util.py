@@ -1,0 +1,48 @@
+"""Config helpers keep the original's semantics; the test session itself has no network."""
+
+import socket
+
+import pytest
+import torch
+
+from conftest import NetworkBlocked
+from ldm.util import count_params, default, get_obj_from_str, instantiate_from_config
+
+
+def test_instantiate_from_config_calls_the_dotted_target_with_params():
+    layer = instantiate_from_config({"target": "torch.nn.Linear", "params": {"in_features": 3, "out_features": 2}})
+    assert isinstance(layer, torch.nn.Linear) and layer.weight.shape == (2, 3)
+    assert isinstance(instantiate_from_config({"target": "torch.nn.Identity"}), torch.nn.Identity)
+    assert count_params(layer) == 8
+
+
+def test_special_strings_mean_no_model_and_target_is_required():
+    assert instantiate_from_config("__is_first_stage__") is None
+    assert instantiate_from_config("__is_unconditional__") is None
+    with pytest.raises(KeyError, match="target"):
+        instantiate_from_config({"params": {}})
+
+
+def test_get_obj_from_str():
+    assert get_obj_from_str("ldm.util.default") is default
+    with pytest.raises(ValueError):
+        get_obj_from_str("Linear")
+
+
+def test_default():
+    assert default(None, 3) == 3 and default(0, 3) == 0 and default(None, lambda: 4) == 4
+
+
+def _raw_connect():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.connect(("93.184.215.14", 80))
+
+
+@pytest.mark.parametrize("connect", [
+    lambda: socket.create_connection(("huggingface.co", 443), timeout=1),
+    lambda: socket.getaddrinfo("huggingface.co", 443),
+    _raw_connect,
+])
+def test_the_network_is_blocked_for_every_test(connect):
+    with pytest.raises(NetworkBlocked):
+        connect()
