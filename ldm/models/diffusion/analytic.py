@@ -1,0 +1,60 @@
+"""A diffusion problem with exact answers, for testing and benchmarking samplers.
+
+Gaussian data, its ideal noise predictor and the exact solution of its probability-flow ODE.
+
+For data x_0 ~ N(μ, s²) per element and x_t = α_t·x_0 + σ_t·ε, the ideal noise predictor is
+ε*(x, t) = σ_t·(x − α_t·μ)/(α_t²·s² + σ_t²), and along the probability-flow ODE the standardised value
+(x − α_t·μ)/√(α_t²·s² + σ_t²) is constant, which gives the exact solution between any two times.
+"""
+
+import numpy as np
+import torch
+
+from ldm.modules.diffusionmodules.util import make_beta_schedule
+
+SD_ALPHAS_CUMPROD = torch.tensor(np.cumprod(1 - make_beta_schedule("linear", 1000, 0.00085, 0.012)),
+                                 dtype=torch.float32)
+
+
+def ideal_noise(x: torch.Tensor, alpha, sigma, mu, s: float) -> torch.Tensor:
+    return sigma * (x - alpha * mu) / (alpha ** 2 * s ** 2 + sigma ** 2)
+
+
+def exact_solution(x: torch.Tensor, alpha_from: float, alpha_to: float, mu, s: float) -> torch.Tensor:
+    """x at the time with α = alpha_to on the ODE trajectory through x at α = alpha_from (σ = √(1 − α²))."""
+    def spread(alpha):
+        return (alpha ** 2 * s ** 2 + 1 - alpha ** 2) ** 0.5
+    return alpha_to * mu + (x - alpha_from * mu) / spread(alpha_from) * spread(alpha_to)
+
+
+def log_alpha_at(timesteps: torch.Tensor) -> torch.Tensor:
+    """log α at real-valued DDPM timesteps, linear between the integers (as the discrete NoiseScheduleVP)."""
+    log_alphas = 0.5 * SD_ALPHAS_CUMPROD.double().log()
+    t = timesteps.double().cpu()
+    return torch.from_numpy(np.interp(t.numpy(), np.arange(1000), log_alphas.numpy())).to(timesteps.device)
+
+
+class GaussianLatentDiffusion:
+    """Stands in for LatentDiffusion: SD v1's schedule and the ideal ε for Gaussian data N(μ, s²).
+
+    The conditioning, when given, is μ per sample, shape (B,); ``calls`` counts ``apply_model`` calls.
+    """
+
+    parameterization = "eps"
+    num_timesteps = 1000
+
+    def __init__(self, mu: float = 0.3, s: float = 0.5, device: str = "cpu"):
+        self.mu, self.s = mu, s
+        self.alphas_cumprod = SD_ALPHAS_CUMPROD.to(device)
+        self.device = torch.device(device)
+        self.calls = 0
+        self.timesteps_seen: list[float] = []
+
+    def apply_model(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        self.calls += 1
+        self.timesteps_seen.append(float(t[0]))
+        shape = (-1, *([1] * (x.dim() - 1)))
+        alpha = log_alpha_at(t).exp().to(x.dtype).view(shape)
+        sigma = (1 - alpha ** 2).sqrt()
+        mu = self.mu if cond is None else cond.to(x.dtype).view(shape)
+        return ideal_noise(x, alpha, sigma, mu, self.s)

@@ -1,0 +1,95 @@
+"""What every sampler shares: the DDIM time grid and coefficients, classifier-free guidance, the noise draw.
+
+Callback convention, for every sampler: ``callback(step, x, pred_x0)`` after each step, with the step index
+(0-based, in sampling order), the current latent and the x_0 predicted on the way (``None`` where a
+sampler does not form one).
+"""
+
+import logging
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor | None], None]
+
+
+def make_ddim_timesteps(num_steps: int, num_ddpm_timesteps: int = 1000) -> np.ndarray:
+    """The original's "uniform" DDIM grid: 0, c, 2c, … below ``num_ddpm_timesteps`` with stride c = T // S, plus 1.
+
+    When S does not divide T the grid has more than S points (S = 7 gives 8, S = 150 gives 167), as the
+    original. Where the original indexes past the schedule (S = 3, 9, 27, … would reach timestep T), the
+    timestep T is dropped, so those S give exactly S steps instead of an index error (and S = T gives T − 1).
+    """
+    if not 1 <= num_steps <= num_ddpm_timesteps:
+        raise ValueError(f"the number of sampling steps must be between 1 and {num_ddpm_timesteps}, got {num_steps}")
+    timesteps = np.arange(0, num_ddpm_timesteps, num_ddpm_timesteps // num_steps) + 1
+    return timesteps[timesteps < num_ddpm_timesteps]
+
+
+def ddim_coefficients(alphas_cumprod: torch.Tensor, timesteps: np.ndarray, eta: float
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ᾱ_t, ᾱ_prev and σ_t at each grid point (float64), DDIM eq. 16 (Song et al. 2021):
+
+    σ_t = η·√((1 − ᾱ_prev)/(1 − ᾱ_t))·√(1 − ᾱ_t/ᾱ_prev); the first point's ᾱ_prev is ᾱ at DDPM step 0.
+    """
+    alphas_cumprod = alphas_cumprod.detach().double().cpu().numpy()
+    alphas = alphas_cumprod[timesteps]
+    alphas_prev = np.concatenate([alphas_cumprod[:1], alphas_cumprod[timesteps[:-1]]])
+    sigmas = eta * np.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
+    return alphas, alphas_prev, sigmas
+
+
+def concat_conditioning(uncond: Any, cond: Any) -> Any:
+    """Join the unconditional and conditional inputs along the batch: tensors, lists of tensors, or dicts of them."""
+    if isinstance(cond, dict):
+        return {key: concat_conditioning(uncond[key], cond[key]) for key in cond}
+    if isinstance(cond, (list, tuple)):
+        return [concat_conditioning(u, c) for u, c in zip(uncond, cond)]
+    return torch.cat([uncond, cond])
+
+
+def classifier_free_guidance(model: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], x: torch.Tensor,
+                             t: torch.Tensor, cond: Any, uncond: Any, scale: float) -> torch.Tensor:
+    """ε = ε(x, ∅) + s·(ε(x, c) − ε(x, ∅)) from one forward pass on the doubled batch [uncond, cond].
+
+    With ``uncond`` None or s = 1 this is a single conditional call (Ho & Salimans 2022).
+    """
+    if uncond is None or scale == 1.0:
+        return model(x, t, cond)
+    out_uncond, out_cond = model(torch.cat([x, x]), torch.cat([t, t]), concat_conditioning(uncond, cond)).chunk(2)
+    return out_uncond + scale * (out_cond - out_uncond)
+
+
+def guided_noise_prediction(model, x: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any,
+                            scale: float) -> torch.Tensor:
+    """The guided ε of a LatentDiffusion model at integer timesteps t: (B,); v-prediction is converted to ε."""
+    out = classifier_free_guidance(model.apply_model, x, t, cond, uncond, scale)
+    if model.parameterization == "v":
+        return model.predict_eps_from_z_and_v(x, t, out)
+    if model.parameterization != "eps":
+        raise ValueError(f"DDIM and PLMS need an eps- or v-prediction model, not {model.parameterization!r}")
+    return out
+
+
+def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str,
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal noise from ``generator`` (the global RNG of ``device`` when None, as the original)."""
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
+def batch_size_of(conditioning: Any) -> int | None:
+    """Batch size of a conditioning tensor, list or dict (None when it has none)."""
+    if isinstance(conditioning, dict):
+        conditioning = next(iter(conditioning.values()), None)
+    if isinstance(conditioning, (list, tuple)):
+        conditioning = conditioning[0] if conditioning else None
+    return conditioning.shape[0] if isinstance(conditioning, torch.Tensor) else None
+
+
+def check_batch_size(conditioning: Any, batch_size: int) -> None:
+    size = batch_size_of(conditioning)
+    if size is not None and size != batch_size:
+        raise ValueError(f"conditioning has batch size {size} but {batch_size} samples were asked for")
