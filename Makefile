@@ -17,7 +17,9 @@ models/tiny/random.safetensors: configs/stable-diffusion/v1-tiny.yaml | $(STAMP)
 	$(BIN)/python scripts/make_random_checkpoint.py --config $< --out $@
 
 demo: $(STAMP) models/tiny/random.safetensors
-	@echo "Sampling arrives with the samplers (issue 3) and txt2img (issue 4); the tiny checkpoint is ready."
+	$(BIN)/python scripts/txt2img.py --config configs/stable-diffusion/v1-tiny.yaml \
+		--ckpt models/tiny/random.safetensors --H 256 --W 256 --dpm_solver --ddim_steps 25 --n_iter 1 \
+		--from-file assets/demo-prompts.txt --n_samples 4 --outdir outputs/demo --no_safety_checker
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q

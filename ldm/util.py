@@ -1,8 +1,11 @@
 """Small helpers shared across the package: building objects from configs, counting parameters."""
 
 import importlib
+import os
+import random
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 
@@ -66,3 +69,14 @@ def randomize_parameters_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Mo
 
 class InputError(Exception):
     """Something the user supplied (a file, a flag, a config) is wrong; the message says what, in one line."""
+
+
+def seed_everything(seed: int) -> int:
+    """Seed Python, NumPy and torch (CPU and every CUDA device), as PyTorch Lightning's ``seed_everything``."""
+    if not 0 <= seed <= 2 ** 32 - 1:
+        raise InputError(f"--seed must be between 0 and {2 ** 32 - 1}, got {seed}")
+    os.environ["PL_GLOBAL_SEED"] = str(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return seed

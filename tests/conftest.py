@@ -68,3 +68,54 @@ def tiny_model():
 def v1_meta_model():
     """The full-size v1 model with parameters on the meta device: its layout without its memory."""
     return build_model(V1_CONFIG, meta=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_model, tmp_path_factory) -> Path:
+    """The tiny random model as a .safetensors file."""
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, path)
+    return path
+
+
+def load_script(name: str):
+    """Import ``scripts/<name>.py`` as a module, to call its ``main(argv)`` in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"script_{name.replace('/', '_')}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_tiny_safety_checker(directory: Path, flag_everything: bool) -> Path:
+    """A tiny random StableDiffusionSafetyChecker in diffusers format whose thresholds flag every image
+    (threshold −1 < any cosine) or none (threshold 2 > any cosine)."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    config = CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=224, patch_size=32),
+                        projection_dim=16)
+    checker = randomize_parameters_(StableDiffusionSafetyChecker(config), seed=3)
+    threshold = -1.0 if flag_everything else 2.0
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(threshold)
+        checker.special_care_embeds_weights.fill_(2.0)
+    checker.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def flagging_checker(tmp_path_factory) -> Path:
+    return make_tiny_safety_checker(tmp_path_factory.mktemp("checker-flags"), flag_everything=True)
+
+
+@pytest.fixture(scope="session")
+def passing_checker(tmp_path_factory) -> Path:
+    return make_tiny_safety_checker(tmp_path_factory.mktemp("checker-passes"), flag_everything=False)

@@ -118,3 +118,13 @@ def test_wrong_conditioning_batch_or_eta_is_a_clear_error():
         sampler.sample(10, 2, SHAPE, conditioning=torch.zeros(3), verbose=False)
     with pytest.raises(ValueError, match="eta"):
         sampler.sample(10, 2, SHAPE, eta=-1.0, verbose=False)
+
+
+def test_img2img_noises_to_int_strength_steps_and_caps_strength_one():
+    model = GaussianLatentDiffusion()
+    sampler = DDIMSampler(model)
+    sampler.img2img(start(1), 0.75, 50, None, verbose=False)
+    assert model.calls == 37 and model.timesteps_seen[0] == 721
+    model.timesteps_seen.clear()
+    sampler.img2img(start(1), 1.0, 50, None, verbose=False)
+    assert model.timesteps_seen[0] == 961  # the original would index past its 50-point grid

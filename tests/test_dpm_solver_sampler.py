@@ -145,3 +145,14 @@ def test_v_prediction_models_are_sampled_through_model_type_v():
 def test_eta_must_be_zero():
     with pytest.raises(ValueError, match="eta must be 0"):
         DPMSolverSampler(GaussianLatentDiffusion()).sample(10, 2, SHAPE, eta=0.3, verbose=False)
+
+
+def test_img2img_starts_at_the_strength_time_with_as_many_calls_as_ddim():
+    model = GaussianLatentDiffusion()
+    sampler = DPMSolverSampler(model)
+    x0 = torch.zeros(2, *SHAPE, dtype=torch.float64)
+    out = sampler.img2img(x0, 0.6, 25, None, verbose=False, generator=torch.Generator().manual_seed(0))
+    assert model.calls == 15 and out.shape == x0.shape
+    assert model.timesteps_seen[0] == pytest.approx(sampler.time_continuous_to_discrete(sampler.ratio_to_time(0.6)))
+    assert torch.equal(sampler.img2img(x0, 0.0, 25, None, noise=torch.zeros(1, 2, *SHAPE, dtype=torch.float64)),
+                       x0)

@@ -81,6 +81,24 @@ class DDIMSampler:
                                 callback, verbose, log_every_t=t_start + 1, generator=generator)
         return samples
 
+    @torch.no_grad()
+    def img2img(self, init_latent: torch.Tensor, strength: float, S: int, conditioning: Any,
+                unconditional_guidance_scale: float = 1.0, unconditional_conditioning: Any = None, eta: float = 0.0,
+                noise: torch.Tensor | None = None, generator: torch.Generator | None = None, verbose: bool = True
+                ) -> torch.Tensor:
+        """The original img2img: noise x_0 to grid index t_enc = int(strength·S), denoise from index t_enc − 1.
+
+        strength 1 makes the original index past its grid; here t_enc stops at the last grid index.
+        """
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be between 0 and 1, got {strength}")
+        self.make_schedule(S, eta, verbose=False)
+        t_enc = min(int(strength * S), len(self.ddim_timesteps) - 1)
+        index = torch.full((init_latent.shape[0],), t_enc, dtype=torch.long)
+        noised = self.stochastic_encode(init_latent, index, noise=noise, generator=generator)
+        return self.decode(noised, conditioning, t_enc, unconditional_guidance_scale, unconditional_conditioning,
+                           verbose=verbose, generator=generator)
+
     def _loop(self, x: torch.Tensor, cond: Any, num_steps: int, scale: float, uncond: Any,
               callback: StepCallback | None, verbose: bool, log_every_t: int, generator: torch.Generator | None
               ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:

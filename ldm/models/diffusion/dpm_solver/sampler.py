@@ -85,6 +85,25 @@ class DPMSolverSampler:
                              method=method, lower_order_final=lower_order_final, return_intermediate=True,
                              progress=verbose)
 
+    @torch.no_grad()
+    def img2img(self, init_latent: torch.Tensor, strength: float, S: int, conditioning: Any,
+                unconditional_guidance_scale: float = 1.0, unconditional_conditioning: Any = None, eta: float = 0.0,
+                noise: torch.Tensor | None = None, generator: torch.Generator | None = None, verbose: bool = True
+                ) -> torch.Tensor:
+        """Noise x_0 to t = ratio_to_time(strength) in one jump, then DPM-Solver++ down from there in
+        int(strength·S) steps (as many model calls as DDIM's img2img)."""
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be between 0 and 1, got {strength}")
+        steps = int(strength * S)
+        noised = self.stochastic_encode(init_latent, strength, noise=noise, generator=generator)
+        if steps == 0:
+            return noised
+        samples, _ = self.sample(steps, init_latent.shape[0], tuple(init_latent.shape[1:]), conditioning, eta=eta,
+                                 verbose=verbose, x_T=noised, unconditional_guidance_scale=unconditional_guidance_scale,
+                                 unconditional_conditioning=unconditional_conditioning, generator=generator,
+                                 order=min(2, steps), t_start=self.ratio_to_time(strength))
+        return samples
+
     def stochastic_encode(self, x0: torch.Tensor, encode_ratio: float, noise: torch.Tensor | None = None,
                           generator: torch.Generator | None = None) -> torch.Tensor:
         """x_t = α_t·x_0 + σ_t·ε at t = ratio_to_time(encode_ratio) (one forward-SDE jump)."""

@@ -1,0 +1,118 @@
+"""Command-line plumbing shared by the scripts: the original's flags, checks on them, and clean exits.
+
+Anything a user can get wrong raises :class:`ldm.util.InputError`; :func:`clean_exit` turns it into one line
+on stderr and exit code 2, before anything is written.
+"""
+
+import argparse
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+from ldm.generation import DEVICES, PRECISIONS
+from ldm.output import check_writable
+from ldm.util import InputError
+
+DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
+DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
+DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
+
+
+def clean_exit(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """Run ``main`` with logging set up; user errors exit 2 with one line, Ctrl-C exits 130."""
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None) -> int:
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        logging.getLogger("ldm").setLevel(logging.INFO)
+        try:
+            return main(argv)
+        except InputError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted; files already written are complete, nothing half-written was left", file=sys.stderr)
+            return 130
+    return wrapper
+
+
+def add_prompt_and_output_arguments(parser: argparse.ArgumentParser, outdir: str) -> None:
+    parser.add_argument("--prompt", type=str, nargs="?", default=DEFAULT_PROMPT, help="the prompt to render")
+    parser.add_argument("--outdir", type=str, nargs="?", default=outdir, help="dir to write results to")
+    parser.add_argument("--skip_grid", action="store_true",
+                        help="do not save a grid, only individual samples. Helpful when evaluating lots of samples")
+    parser.add_argument("--skip_save", action="store_true", help="do not save individual samples")
+    parser.add_argument("--ddim_steps", type=int, default=50, help="number of sampling steps")
+    parser.add_argument("--plms", action="store_true", help="use plms sampling")
+    parser.add_argument("--dpm_solver", action="store_true", help="use dpm_solver sampling (wins over --plms)")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, n_iter: int, n_samples: int, scale: float) -> None:
+    parser.add_argument("--ddim_eta", type=float, default=0.0, help="ddim eta (eta=0.0 corresponds to deterministic "
+                        "sampling)")
+    parser.add_argument("--n_iter", type=int, default=n_iter, help="sample this often")
+    parser.add_argument("--n_samples", type=int, default=n_samples,
+                        help="how many samples to produce for each given prompt. A.k.a. batch size")
+    parser.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
+    parser.add_argument("--scale", type=float, default=scale,
+                        help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty))")
+    parser.add_argument("--from-file", type=str, help="if specified, load prompts from this file, one per line")
+    parser.add_argument("--config", type=str, default=DEFAULT_CONFIG, help="path to config which constructs model")
+    parser.add_argument("--ckpt", type=str, default=DEFAULT_CKPT, help="path to checkpoint of model")
+    parser.add_argument("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
+    parser.add_argument("--precision", type=str, help="evaluate at this precision", choices=PRECISIONS,
+                        default="autocast")
+
+
+def add_extra_arguments(parser: argparse.ArgumentParser) -> None:
+    """Beyond the original: negative prompt, device choice, safety checker location."""
+    parser.add_argument("--negative_prompt", type=str, default="",
+                        help="what to steer away from (replaces the empty unconditional prompt)")
+    parser.add_argument("--device", type=str, default="auto", choices=DEVICES,
+                        help="where to run: auto picks cuda, then mps, then cpu")
+    parser.add_argument("--safety_checker", type=str, default=None, metavar="DIR",
+                        help="local diffusers-format copy of CompVis/stable-diffusion-safety-checker "
+                             "(default: the Hugging Face cache's copy, if any)")
+    parser.add_argument("--no_safety_checker", action="store_true", help="run without the safety checker")
+
+
+def sampler_name(args: argparse.Namespace) -> str:
+    """The original's choice: --dpm_solver wins over --plms, else DDIM."""
+    return "dpm_solver" if args.dpm_solver else "plms" if args.plms else "ddim"
+
+
+def check_common(args: argparse.Namespace) -> None:
+    """Checks that need no model: counts, scales, sampler options, the output directory."""
+    for flag in ("ddim_steps", "n_samples", "n_iter"):
+        if getattr(args, flag) <= 0:
+            raise InputError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
+    if args.ddim_steps > 1000:
+        raise InputError(f"--ddim_steps must be at most 1000, got {args.ddim_steps}")
+    if args.n_rows < 0:
+        raise InputError(f"--n_rows must be 0 (one row per batch) or positive, got {args.n_rows}")
+    if args.scale < 0:
+        raise InputError(f"--scale must be non-negative, got {args.scale}")
+    if args.ddim_eta < 0:
+        raise InputError(f"--ddim_eta must be non-negative, got {args.ddim_eta}")
+    if args.ddim_eta != 0 and sampler_name(args) != "ddim":
+        raise InputError(f"--ddim_eta must be 0 with {'--dpm_solver' if args.dpm_solver else '--plms'} "
+                         "(only DDIM samples stochastically)")
+    check_writable(args.outdir)
+
+
+def prompt_batches(args: argparse.Namespace) -> list[list[str]]:
+    """``n_samples`` copies of --prompt, or the lines of --from-file in batches of ``n_samples`` (the last may be
+    shorter; blank lines are skipped)."""
+    if not args.from_file:
+        return [args.n_samples * [args.prompt]]
+    path = Path(args.from_file)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot read --from-file {path}: {error.strerror if isinstance(error, OSError) else error}"
+                         ) from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise InputError(f"--from-file {path} contains no prompts")
+    return [prompts[i:i + args.n_samples] for i in range(0, len(prompts), args.n_samples)]

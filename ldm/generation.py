@@ -1,0 +1,140 @@
+"""What txt2img, img2img and DiffEdit share: device and precision, the model with its sampler, prompts to
+conditioning, images to latents and back, and the safety check."""
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from omegaconf import DictConfig
+
+from ldm.models.diffusion.samplers import make_sampler
+from ldm.models.loading import load_model
+from ldm.safety import MISSING_CHECKER, SafetyChecker, cached_checker_dir
+from ldm.util import InputError
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("full", "autocast")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then Apple's MPS, then the CPU; an explicit device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name not in available:
+        raise InputError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
+    if not available[name]:
+        raise InputError(f"--device {name} was asked for but this machine has no {name.upper()} device")
+    return torch.device(name)
+
+
+def precision_scope(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """``autocast``: float16 autocast on GPUs, as the original; on the CPU it runs in float32 (exact, and
+    CPU float16 autocast is slow). ``full``: float32 everywhere."""
+    if precision == "autocast" and device.type in ("cuda", "mps"):
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Image ↔ latent sizes implied by a model config."""
+
+    latent_channels: int
+    factor: int  # pixels per latent pixel (the autoencoder's downsampling)
+    multiple: int  # image sides must be multiples of this for the UNet's skip connections to line up
+
+    @classmethod
+    def of(cls, config: DictConfig) -> "Geometry":
+        params = config.model.params
+        factor = 2 ** (len(params.first_stage_config.params.ddconfig.ch_mult) - 1)
+        levels = len(params.unet_config.params.get("channel_mult", (1, 2, 4, 8)))
+        return cls(params.get("channels", params.unet_config.params.in_channels), factor,
+                   factor * 2 ** (levels - 1))
+
+    def check(self, height: int, width: int, channels: int | None = None, factor: int | None = None) -> None:
+        if channels is not None and channels != self.latent_channels:
+            raise InputError(f"--C {channels} does not match the model's {self.latent_channels} latent channels")
+        if factor is not None and factor != self.factor:
+            raise InputError(f"--f {factor} does not match the model's downsampling factor {self.factor}")
+        if height <= 0 or width <= 0 or height % self.multiple or width % self.multiple:
+            raise InputError(f"--H and --W must be positive multiples of {self.multiple} for this model, "
+                             f"got {height}×{width}")
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        return self.latent_channels, height // self.factor, width // self.factor
+
+
+def load_safety_checker(config: DictConfig, directory: str | Path | None, disabled: bool,
+                        device: torch.device) -> SafetyChecker | None:
+    """The checker the user gave, else the Hugging Face cache's copy; refuse to go on without one unless the
+    user said ``--no_safety_checker`` or the model's config says it needs none (``safety_checker: false``)."""
+    if not config.get("safety_checker", True):
+        logger.info("this model's config says it needs no safety checker")
+        return None
+    if disabled:
+        logger.warning("the safety checker is disabled (--no_safety_checker)")
+        return None
+    directory = directory or cached_checker_dir()
+    if directory is None:
+        raise InputError(MISSING_CHECKER)
+    return SafetyChecker(directory, device)
+
+
+class Pipeline:
+    """A loaded model, its sampler and the per-batch steps around sampling."""
+
+    def __init__(self, model, sampler_name: str, device: torch.device, precision: str,
+                 safety_checker: SafetyChecker | None = None):
+        if precision not in PRECISIONS:
+            raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.model = model
+        self.sampler = make_sampler(sampler_name, model)
+        self.sampler_name = sampler_name
+        self.device = device
+        self.precision = precision
+        self.safety_checker = safety_checker
+
+    @classmethod
+    def load(cls, config: DictConfig, ckpt: str | Path, device: torch.device, precision: str, sampler_name: str,
+             safety_checker: SafetyChecker | None = None) -> "Pipeline":
+        return cls(load_model(config, ckpt, device=device), sampler_name, device, precision, safety_checker)
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """No gradients, the chosen precision, and the EMA weights where the config uses them."""
+        with torch.no_grad(), precision_scope(self.precision, self.device), self.model.ema_scope():
+            yield
+
+    def conditioning(self, prompts: list[str], negative_prompt: str, scale: float
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(c, uc): the prompts' features and, when guidance is on (scale ≠ 1), the negative prompt's."""
+        uc = self.model.get_learned_conditioning(len(prompts) * [negative_prompt]) if scale != 1.0 else None
+        return self.model.get_learned_conditioning(prompts), uc
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images (B, 3, H, W) in [−1, 1] → scaled latents, a posterior sample drawn on the CPU as the original."""
+        posterior = self.model.encode_first_stage(images.to(self.device))
+        return self.model.get_first_stage_encoding(posterior, generator)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → images (B, 3, H, W) in [0, 1], float32 on the CPU."""
+        images = self.model.decode_first_stage(latents)
+        return torch.clamp((images.float() + 1.0) / 2.0, min=0.0, max=1.0).cpu()
+
+    def check_safety(self, images: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Images with flagged ones replaced, and how many were flagged."""
+        if self.safety_checker is None:
+            return images, 0
+        images, flags = self.safety_checker(images)
+        return images, sum(flags)
+

@@ -1,0 +1,93 @@
+"""Writing results: numbered PNGs that never overwrite anything, grids, watermark and text metadata."""
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from torchvision.utils import make_grid
+
+from ldm.util import InputError
+from ldm.watermark import can_watermark, put_watermark
+
+logger = logging.getLogger(__name__)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [0, 1] → PIL images, ×255 and truncated to uint8 as the original saves them."""
+    array = (255.0 * images.detach().float().cpu().permute(0, 2, 3, 1).numpy()).astype(np.uint8)
+    return [Image.fromarray(a) for a in array]
+
+
+def image_grid(images: torch.Tensor, n_rows: int) -> Image.Image:
+    """torchvision's grid (2-pixel black padding) with ``n_rows`` images per row, as the original."""
+    return to_pil(make_grid(images, nrow=n_rows)[None])[0]
+
+
+def check_writable(directory: str | Path) -> None:
+    """Raise unless ``directory`` exists as a writable directory or can be created."""
+    directory = Path(directory)
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"cannot write to {directory}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write to {directory}: permission denied")
+
+
+class ImageWriter:
+    """Saves numbered PNGs under ``outdir``, each one after the highest number already there.
+
+    Files are written to a temporary name and linked into place only if that name is still free, so nothing
+    is overwritten and an interrupted run leaves no half-written PNG. Every image gets the invisible watermark
+    (images under 256×256 cannot carry it; they are counted and reported) and PNG text ``metadata``.
+    """
+
+    def __init__(self, outdir: str | Path, watermark: bool = True):
+        self.outdir = Path(outdir)
+        self.watermark = watermark
+        self.unmarked = 0
+
+    def save(self, image: Image.Image, subdir: str = "samples", prefix: str = "", digits: int = 5,
+             metadata: Mapping[str, Any] | None = None) -> Path:
+        """Save as ``outdir/subdir/{prefix}{number:0{digits}}.png``; returns the path."""
+        directory = self.outdir / subdir
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.watermark:
+            if can_watermark(image):
+                image = put_watermark(image)
+            else:
+                self.unmarked += 1
+        info = PngInfo()
+        for key, value in (metadata or {}).items():
+            info.add_text(key, str(value))
+        temporary = directory / f".{prefix}{os.getpid()}.png.partial"
+        try:
+            image.save(temporary, format="PNG", pnginfo=info)
+            number = self._next_number(directory, prefix)
+            while True:
+                path = directory / f"{prefix}{number:0{digits}d}.png"
+                try:
+                    os.link(temporary, path)
+                    return path
+                except FileExistsError:
+                    number += 1
+        finally:
+            temporary.unlink(missing_ok=True)
+
+    @staticmethod
+    def _next_number(directory: Path, prefix: str) -> int:
+        pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.png$")
+        numbers = [int(m.group(1)) for m in map(pattern.match, os.listdir(directory)) if m]
+        return max(numbers, default=-1) + 1
+
+    def report(self) -> None:
+        if self.unmarked:
+            logger.warning("%d image(s) smaller than 256×256 were saved without the invisible watermark "
+                           "(the dwtDct watermark needs at least 256×256 pixels)", self.unmarked)

@@ -1,0 +1,116 @@
+"""Image to image with Stable Diffusion v1: the CompVis script's flags and defaults, plus PLMS and DPM-Solver.
+
+    python scripts/img2img.py --prompt "A fantasy landscape, trending on artstation" --init-img sketch.jpg --strength 0.8
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from ldm.cli import (add_extra_arguments, add_model_arguments, add_prompt_and_output_arguments, check_common,
+                     clean_exit, prompt_batches, sampler_name)
+from ldm.generation import Geometry, Pipeline, load_safety_checker, resolve_device
+from ldm.models.loading import load_config
+from ldm.output import ImageWriter, image_grid, to_pil
+from ldm.util import InputError, seed_everything
+
+logger = logging.getLogger("ldm.img2img")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_prompt_and_output_arguments(parser, outdir="outputs/img2img-samples")
+    parser.add_argument("--init-img", type=str, nargs="?", help="path to the input image")
+    parser.add_argument("--fixed_code", action="store_true",
+                        help="if enabled, uses the same noise for every batch")
+    add_model_arguments(parser, n_iter=1, n_samples=2, scale=5.0)
+    parser.add_argument("--C", type=int, default=4, help="latent channels")
+    parser.add_argument("--f", type=int, default=8, help="downsampling factor, most often 8 or 16")
+    parser.add_argument("--strength", type=float, default=0.75,
+                        help="strength for noising/unnoising. 1.0 corresponds to full destruction of information "
+                             "in init image")
+    add_extra_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def load_img(path: str, multiple: int) -> torch.Tensor:
+    """The image as (1, 3, H, W) in [−1, 1], its sides rounded down to multiples of ``multiple`` (LANCZOS)."""
+    try:
+        image = Image.open(path).convert("RGB")
+    except FileNotFoundError:
+        raise InputError(f"--init-img {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise InputError(f"--init-img {path} is not an image the Python Imaging Library can read ({error})") from None
+    width, height = (side - side % multiple for side in image.size)
+    if width == 0 or height == 0:
+        raise InputError(f"--init-img {path} is {image.width}×{image.height}; both sides must be at least {multiple}")
+    if (width, height) != image.size:
+        logger.info("resizing the input image from %d×%d to %d×%d (multiples of %d)", *image.size, width, height,
+                    multiple)
+    array = np.asarray(image.resize((width, height), resample=Image.LANCZOS), dtype=np.float32) / 255.0
+    return 2.0 * torch.from_numpy(array).permute(2, 0, 1)[None] - 1.0
+
+
+@clean_exit
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_common(args)
+    if not args.init_img:
+        raise InputError("--init-img is required: the image to start from")
+    if not 0.0 <= args.strength <= 1.0:
+        raise InputError(f"--strength must be between 0 and 1, got {args.strength}")
+    batches = prompt_batches(args)
+    config = load_config(args.config)
+    geometry = Geometry.of(config)
+    init_image = load_img(args.init_img, geometry.multiple)
+    geometry.check(*init_image.shape[-2:], args.C, args.f)
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    safety_checker = load_safety_checker(config, args.safety_checker, args.no_safety_checker, device)
+    pipeline = Pipeline.load(config, args.ckpt, device, args.precision, sampler_name(args), safety_checker)
+
+    writer = ImageWriter(args.outdir)
+    height, width = init_image.shape[-2:]
+    metadata = dict(negative_prompt=args.negative_prompt, seed=args.seed, sampler=pipeline.sampler_name,
+                    steps=args.ddim_steps, scale=args.scale, strength=args.strength, size=f"{width}x{height}",
+                    checkpoint=Path(args.ckpt).name, init_image=Path(args.init_img).name)
+    all_images, flagged, saved = [], 0, 0
+    with pipeline.scope(), tqdm(total=args.n_iter * len(batches), desc="Sampling", unit="batch") as progress:
+        init_latent = pipeline.encode(init_image.repeat(args.n_samples, 1, 1, 1))
+        noise = torch.randn_like(init_latent) if args.fixed_code else None
+        for _ in range(args.n_iter):
+            for prompts in batches:
+                c, uc = pipeline.conditioning(prompts, args.negative_prompt, args.scale)
+                n = len(prompts)
+                latents = pipeline.sampler.img2img(init_latent[:n], args.strength, args.ddim_steps, c,
+                                                   unconditional_guidance_scale=args.scale,
+                                                   unconditional_conditioning=uc, eta=args.ddim_eta,
+                                                   noise=None if noise is None else noise[:n], verbose=False)
+                images, replaced = pipeline.check_safety(pipeline.decode(latents))
+                flagged += replaced
+                if not args.skip_save:
+                    for prompt, image in zip(prompts, to_pil(images)):
+                        writer.save(image, "samples", metadata=dict(metadata, prompt=prompt))
+                        saved += 1
+                all_images.append(images)
+                progress.update()
+    if not args.skip_grid:
+        writer.save(image_grid(torch.cat(all_images), args.n_rows or args.n_samples), "", prefix="grid-", digits=4,
+                    metadata=dict(metadata, prompt=batches[0][0]))
+    writer.report()
+    if flagged:
+        logger.warning("the safety checker replaced %d of %d images with a placeholder", flagged,
+                       args.n_iter * sum(map(len, batches)))
+    print(f"Your samples are ready and waiting for you here:\n{args.outdir}\n({saved} samples"
+          f"{'' if args.skip_grid else ' and a grid'})\nEnjoy.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""scripts/img2img.py on the tiny config: the original's flags, every sampler, size rounding, bad input."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+from conftest import TINY_CONFIG, load_script
+
+img2img = load_script("img2img")
+
+ORIGINAL_DEFAULTS = dict(
+    prompt="a painting of a virus monster playing guitar", init_img=None, outdir="outputs/img2img-samples",
+    skip_grid=False, skip_save=False, ddim_steps=50, plms=False, fixed_code=False, ddim_eta=0.0, n_iter=1, C=4, f=8,
+    n_samples=2, n_rows=0, scale=5.0, strength=0.75, from_file=None,
+    config="configs/stable-diffusion/v1-inference.yaml", ckpt="models/ldm/stable-diffusion-v1/model.ckpt", seed=42,
+    precision="autocast")
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("photo") / "rocket.png"
+    Image.fromarray(data.rocket()).resize((100, 140)).save(path)
+    return path
+
+
+def tiny_run(outdir, checkpoint, image, *extra: str) -> list[str]:
+    return ["--config", str(TINY_CONFIG), "--ckpt", str(checkpoint), "--init-img", str(image), "--ddim_steps", "4",
+            "--outdir", str(outdir), "--device", "cpu", "--no_safety_checker", *extra]
+
+
+def test_defaults_are_the_originals():
+    args = img2img.parse_args([])
+    assert {key: getattr(args, key) for key in ORIGINAL_DEFAULTS} == ORIGINAL_DEFAULTS
+    assert not args.dpm_solver and args.negative_prompt == ""
+
+
+@pytest.mark.parametrize("sampler", [[], ["--plms"], ["--dpm_solver"]])
+def test_every_sampler_writes_reproducible_samples_rounded_to_64(sampler, tmp_path, tiny_checkpoint, photo, caplog):
+    for name in ("a", "b"):
+        assert img2img.main(tiny_run(tmp_path / name, tiny_checkpoint, photo, "--strength", "0.5", *sampler)) == 0
+    first = np.asarray(Image.open(tmp_path / "a" / "samples" / "00001.png"))
+    assert first.shape == (128, 64, 3)  # 100×140 rounded down to multiples of 64
+    assert "from 100×140 to 64×128" in caplog.text
+    assert np.array_equal(first, np.asarray(Image.open(tmp_path / "b" / "samples" / "00001.png")))
+    text = Image.open(tmp_path / "a" / "samples" / "00000.png").text
+    assert text["strength"] == "0.5" and text["init_image"] == "rocket.png" and text["size"] == "64x128"
+    assert (tmp_path / "a" / "grid-0000.png").exists()
+
+
+def test_strength_one_and_zero_run(tmp_path, tiny_checkpoint, photo):
+    for strength in ("0", "1"):
+        assert img2img.main(tiny_run(tmp_path / strength, tiny_checkpoint, photo, "--strength", strength)) == 0
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--init-img", "missing.png"], "does not exist"),
+    (["--init-img", "NOT_AN_IMAGE"], "not an image"),
+    (["--init-img", "TINY.png"], "at least 64"),
+    (["--strength", "1.5"], "--strength must be between 0 and 1"),
+    (["--strength", "-0.1"], "--strength must be between 0 and 1"),
+    (["--dpm_solver", "--ddim_eta", "0.3"], "--ddim_eta must be 0 with --dpm_solver"),
+    (["--f", "4"], "downsampling factor"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(change, message, tmp_path, tiny_checkpoint, photo, capsys,
+                                                         monkeypatch):
+    (tmp_path / "NOT_AN_IMAGE").write_text("hello")
+    Image.new("RGB", (40, 200)).save(tmp_path / "TINY.png")
+    monkeypatch.chdir(tmp_path)
+    assert img2img.main(tiny_run(tmp_path / "out", tiny_checkpoint, photo) + change) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_init_img_is_required(tmp_path, tiny_checkpoint, capsys):
+    argv = ["--config", str(TINY_CONFIG), "--ckpt", str(tiny_checkpoint), "--outdir", str(tmp_path / "out")]
+    assert img2img.main(argv) == 2 and "--init-img is required" in capsys.readouterr().err

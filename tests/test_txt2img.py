@@ -1,0 +1,148 @@
+"""scripts/txt2img.py on the tiny config: the original's flags and files, seeds, safety checker, bad input."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, TINY_CONFIG, load_script
+
+txt2img = load_script("txt2img")
+
+ORIGINAL_DEFAULTS = dict(
+    prompt="a painting of a virus monster playing guitar", outdir="outputs/txt2img-samples", skip_grid=False,
+    skip_save=False, ddim_steps=50, plms=False, dpm_solver=False, laion400m=False, fixed_code=False, ddim_eta=0.0,
+    n_iter=2, H=512, W=512, C=4, f=8, n_samples=3, n_rows=0, scale=7.5, from_file=None,
+    config="configs/stable-diffusion/v1-inference.yaml", ckpt="models/ldm/stable-diffusion-v1/model.ckpt", seed=42,
+    precision="autocast")
+
+
+def tiny_run(outdir, checkpoint, *extra: str) -> list[str]:
+    return ["--config", str(TINY_CONFIG), "--ckpt", str(checkpoint), "--H", "64", "--W", "64", "--ddim_steps", "3",
+            "--n_samples", "2", "--n_iter", "1", "--outdir", str(outdir), "--device", "cpu", *extra]
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_defaults_are_the_originals():
+    args = txt2img.parse_args([])
+    assert {key: getattr(args, key) for key in ORIGINAL_DEFAULTS} == ORIGINAL_DEFAULTS
+    assert args.negative_prompt == "" and args.device == "auto" and not args.no_safety_checker
+
+
+def test_help_lists_every_original_flag():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts/txt2img.py"), "--help"], capture_output=True,
+                            text=True, check=True)
+    for flag in ["--prompt", "--outdir", "--skip_grid", "--skip_save", "--ddim_steps", "--plms", "--dpm_solver",
+                 "--laion400m", "--fixed_code", "--ddim_eta", "--n_iter", "--H", "--W", "--C", "--f", "--n_samples",
+                 "--n_rows", "--scale", "--from-file", "--config", "--ckpt", "--seed", "--precision",
+                 "--negative_prompt", "--device", "--safety_checker", "--no_safety_checker"]:
+        assert f" {flag} " in result.stdout or f"[{flag}" in result.stdout, flag
+
+
+def test_files_are_numbered_on_across_runs_with_metadata(tmp_path, tiny_checkpoint):
+    for _ in range(2):
+        assert txt2img.main(tiny_run(tmp_path, tiny_checkpoint, "--no_safety_checker", "--prompt", "a red circle",
+                                     "--negative_prompt", "blurry", "--dpm_solver")) == 0
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [f"{i:05d}.png" for i in range(4)]
+    assert sorted(p.name for p in tmp_path.glob("grid-*.png")) == ["grid-0000.png", "grid-0001.png"]
+    text = Image.open(tmp_path / "samples" / "00003.png").text
+    assert text == {"prompt": "a red circle", "negative_prompt": "blurry", "seed": "42", "sampler": "dpm_solver",
+                    "steps": "3", "scale": "7.5", "size": "64x64", "checkpoint": tiny_checkpoint.name}
+    assert Image.open(tmp_path / "grid-0000.png").size == (2 + 2 * 66, 2 + 66)
+
+
+def test_a_short_last_batch_from_file_and_skip_flags(tmp_path, tiny_checkpoint):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue square\na green star\n")
+    assert txt2img.main(tiny_run(tmp_path / "out", tiny_checkpoint, "--no_safety_checker", "--from-file",
+                                 str(prompts))) == 0
+    samples = sorted((tmp_path / "out" / "samples").iterdir())
+    assert [Image.open(p).text["prompt"] for p in samples] == ["a red circle", "a blue square", "a green star"]
+    assert Image.open(tmp_path / "out" / "grid-0000.png").size == (2 + 2 * 66, 2 + 2 * 66)
+    assert txt2img.main(tiny_run(tmp_path / "skip", tiny_checkpoint, "--no_safety_checker", "--skip_save")) == 0
+    assert not (tmp_path / "skip" / "samples").exists() and (tmp_path / "skip" / "grid-0000.png").exists()
+    assert txt2img.main(tiny_run(tmp_path / "nogrid", tiny_checkpoint, "--no_safety_checker", "--skip_grid")) == 0
+    assert len(list((tmp_path / "nogrid" / "samples").iterdir())) == 2 and not list(
+        (tmp_path / "nogrid").glob("grid-*"))
+
+
+@pytest.mark.parametrize("sampler", [[], ["--plms"], ["--dpm_solver"], ["--ddim_eta", "1.0"]])
+def test_same_seed_same_pixels_and_different_seed_different_pixels(sampler, tmp_path, tiny_checkpoint):
+    runs = {}
+    for name, seed in (("a", "7"), ("b", "7"), ("c", "8")):
+        assert txt2img.main(tiny_run(tmp_path / name, tiny_checkpoint, "--no_safety_checker", "--seed", seed,
+                                     *sampler)) == 0
+        runs[name] = pixels(tmp_path / name / "samples" / "00001.png")
+    assert np.array_equal(runs["a"], runs["b"])
+    assert not np.array_equal(runs["a"], runs["c"])
+
+
+def test_fixed_code_reuses_one_start_code(tmp_path, tiny_checkpoint):
+    assert txt2img.main(tiny_run(tmp_path / "fixed", tiny_checkpoint, "--no_safety_checker", "--fixed_code",
+                                 "--n_iter", "2")) == 0
+    assert np.array_equal(pixels(tmp_path / "fixed/samples/00000.png"), pixels(tmp_path / "fixed/samples/00002.png"))
+    assert txt2img.main(tiny_run(tmp_path / "free", tiny_checkpoint, "--no_safety_checker", "--n_iter", "2")) == 0
+    assert not np.array_equal(pixels(tmp_path / "free/samples/00000.png"),
+                              pixels(tmp_path / "free/samples/00002.png"))
+
+
+def test_the_safety_checker_replaces_what_it_flags_and_says_so(tmp_path, tiny_checkpoint, flagging_checker,
+                                                               passing_checker, caplog):
+    assert txt2img.main(tiny_run(tmp_path / "plain", tiny_checkpoint, "--no_safety_checker")) == 0
+    assert txt2img.main(tiny_run(tmp_path / "passed", tiny_checkpoint, "--safety_checker", str(passing_checker))) == 0
+    assert np.array_equal(pixels(tmp_path / "plain/samples/00000.png"), pixels(tmp_path / "passed/samples/00000.png"))
+    assert txt2img.main(tiny_run(tmp_path / "flagged", tiny_checkpoint, "--safety_checker",
+                                 str(flagging_checker))) == 0
+    assert "replaced 2 of 2 images" in caplog.text and "black image" not in caplog.text
+    placeholder = pixels(tmp_path / "flagged/samples/00000.png").astype(int)
+    assert placeholder.std() < 20 and abs(placeholder.mean() - 128) < 10  # the neutral grey placeholder
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--ckpt", "missing.ckpt"], "checkpoint not found"),
+    (["--ckpt", "NOT_A_CHECKPOINT"], "not a PyTorch or safetensors file"),
+    (["--config", "missing.yaml"], "config not found"),
+    (["--H", "100"], "multiples of 64"),
+    (["--W", "0"], "multiples of 64"),
+    (["--C", "8"], "latent channels"),
+    (["--ddim_steps", "0"], "--ddim_steps must be a positive"),
+    (["--ddim_steps", "5000"], "at most 1000"),
+    (["--n_samples", "0"], "--n_samples must be a positive"),
+    (["--n_iter", "-1"], "--n_iter must be a positive"),
+    (["--scale", "-2"], "--scale must be non-negative"),
+    (["--plms", "--ddim_eta", "0.5"], "--ddim_eta must be 0 with --plms"),
+    (["--from-file", "missing.txt"], "cannot read --from-file"),
+    (["--from-file", "EMPTY"], "contains no prompts"),
+    (["--outdir", "A_FILE/out"], "not a directory"),
+    (["--seed", "-1"], "--seed must be between"),
+    (["--laion400m"], "LAION-400M"),
+    ([], "no safety checker weights found"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(change, message, tmp_path, tiny_checkpoint, capsys,
+                                                         monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    (tmp_path / "NOT_A_CHECKPOINT").write_bytes(np.random.default_rng(0).bytes(1000))
+    (tmp_path / "EMPTY").write_text("\n  \n")
+    (tmp_path / "A_FILE").write_text("")
+    monkeypatch.chdir(tmp_path)
+    argv = tiny_run(tmp_path / "out", tiny_checkpoint) + change
+    if change:
+        argv.append("--no_safety_checker")
+    assert txt2img.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_as_a_user_runs_it(tmp_path, tiny_checkpoint):
+    command = [sys.executable, str(ROOT / "scripts/txt2img.py"), *tiny_run(tmp_path, tiny_checkpoint)]
+    bad = subprocess.run(command + ["--no_safety_checker", "--H", "96"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
+    good = subprocess.run(command + ["--no_safety_checker", "--dpm_solver"], capture_output=True, text=True)
+    assert good.returncode == 0, good.stderr
+    assert "ready and waiting" in good.stdout and len(list((tmp_path / "samples").iterdir())) == 2
