@@ -58,6 +58,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, n_iter: int, n_samples:
     parser.add_argument("--scale", type=float, default=scale,
                         help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty))")
     parser.add_argument("--from-file", type=str, help="if specified, load prompts from this file, one per line")
+    add_checkpoint_arguments(parser)
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=str, default=DEFAULT_CONFIG, help="path to config which constructs model")
     parser.add_argument("--ckpt", type=str, default=DEFAULT_CKPT, help="path to checkpoint of model")
     parser.add_argument("--seed", type=int, default=42, help="the seed (for reproducible sampling)")

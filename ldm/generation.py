@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
+from PIL import Image, UnidentifiedImageError
 
 from ldm.models.diffusion.samplers import make_sampler
 from ldm.models.loading import load_model
@@ -74,6 +76,40 @@ class Geometry:
         return self.latent_channels, height // self.factor, width // self.factor
 
 
+def encode_images(model, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images (B, 3, H, W) in [−1, 1] → scaled latents: a posterior sample (drawn on the CPU unless
+    ``generator`` lives elsewhere, as the original)."""
+    posterior = model.encode_first_stage(images.to(model.device))
+    return model.get_first_stage_encoding(posterior, generator)
+
+
+def decode_images(model, latents: torch.Tensor) -> torch.Tensor:
+    """Latents → images (B, 3, H, W) in [0, 1], float32 on the CPU."""
+    images = model.decode_first_stage(latents)
+    return torch.clamp((images.float() + 1.0) / 2.0, min=0.0, max=1.0).cpu()
+
+
+def load_image(path: str | Path, multiple: int) -> torch.Tensor:
+    """An image file as (1, 3, H, W) in [−1, 1], its sides rounded down to multiples of ``multiple`` (LANCZOS).
+
+    The original rounds to multiples of 32, which the UNet cannot take; the change in size is logged.
+    """
+    try:
+        image = Image.open(path).convert("RGB")
+    except FileNotFoundError:
+        raise InputError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise InputError(f"{path} is not an image the Python Imaging Library can read ({error})") from None
+    width, height = (side - side % multiple for side in image.size)
+    if width == 0 or height == 0:
+        raise InputError(f"{path} is {image.width}×{image.height}; both sides must be at least {multiple}")
+    if (width, height) != image.size:
+        logger.info("resizing %s from %d×%d to %d×%d (multiples of %d)", Path(path).name, *image.size, width,
+                    height, multiple)
+    array = np.asarray(image.resize((width, height), resample=Image.LANCZOS), dtype=np.float32) / 255.0
+    return 2.0 * torch.from_numpy(array).permute(2, 0, 1)[None] - 1.0
+
+
 def load_safety_checker(config: DictConfig, directory: str | Path | None, disabled: bool,
                         device: torch.device) -> SafetyChecker | None:
     """The checker the user gave, else the Hugging Face cache's copy; refuse to go on without one unless the
@@ -122,14 +158,10 @@ class Pipeline:
         return self.model.get_learned_conditioning(prompts), uc
 
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images (B, 3, H, W) in [−1, 1] → scaled latents, a posterior sample drawn on the CPU as the original."""
-        posterior = self.model.encode_first_stage(images.to(self.device))
-        return self.model.get_first_stage_encoding(posterior, generator)
+        return encode_images(self.model, images, generator)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents → images (B, 3, H, W) in [0, 1], float32 on the CPU."""
-        images = self.model.decode_first_stage(latents)
-        return torch.clamp((images.float() + 1.0) / 2.0, min=0.0, max=1.0).cpu()
+        return decode_images(self.model, latents)
 
     def check_safety(self, images: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Images with flagged ones replaced, and how many were flagged."""

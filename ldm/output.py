@@ -55,11 +55,12 @@ class ImageWriter:
         self.unmarked = 0
 
     def save(self, image: Image.Image, subdir: str = "samples", prefix: str = "", digits: int = 5,
-             metadata: Mapping[str, Any] | None = None) -> Path:
-        """Save as ``outdir/subdir/{prefix}{number:0{digits}}.png``; returns the path."""
+             metadata: Mapping[str, Any] | None = None, number: int = 0, watermark: bool = True) -> Path:
+        """Save as ``outdir/subdir/{prefix}{number:0{digits}}.png`` with the first free number from ``number`` on
+        that is above every number already there; returns the path."""
         directory = self.outdir / subdir
         directory.mkdir(parents=True, exist_ok=True)
-        if self.watermark:
+        if self.watermark and watermark:
             if can_watermark(image):
                 image = put_watermark(image)
             else:
@@ -70,7 +71,7 @@ class ImageWriter:
         temporary = directory / f".{prefix}{os.getpid()}.png.partial"
         try:
             image.save(temporary, format="PNG", pnginfo=info)
-            number = self._next_number(directory, prefix)
+            number = max(number, self.next_number(subdir, prefix))
             while True:
                 path = directory / f"{prefix}{number:0{digits}d}.png"
                 try:
@@ -81,8 +82,11 @@ class ImageWriter:
         finally:
             temporary.unlink(missing_ok=True)
 
-    @staticmethod
-    def _next_number(directory: Path, prefix: str) -> int:
+    def next_number(self, subdir: str = "samples", prefix: str = "") -> int:
+        """One more than the highest ``{prefix}NNNNN.png`` in ``outdir/subdir`` (0 when there is none)."""
+        directory = self.outdir / subdir
+        if not directory.is_dir():
+            return 0
         pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.png$")
         numbers = [int(m.group(1)) for m in map(pattern.match, os.listdir(directory)) if m]
         return max(numbers, default=-1) + 1

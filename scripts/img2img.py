@@ -8,14 +8,12 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from ldm.cli import (add_extra_arguments, add_model_arguments, add_prompt_and_output_arguments, check_common,
                      clean_exit, prompt_batches, sampler_name)
-from ldm.generation import Geometry, Pipeline, load_safety_checker, resolve_device
+from ldm.generation import Geometry, Pipeline, load_image, load_safety_checker, resolve_device
 from ldm.models.loading import load_config
 from ldm.output import ImageWriter, image_grid, to_pil
 from ldm.util import InputError, seed_everything
@@ -39,24 +37,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_img(path: str, multiple: int) -> torch.Tensor:
-    """The image as (1, 3, H, W) in [−1, 1], its sides rounded down to multiples of ``multiple`` (LANCZOS)."""
-    try:
-        image = Image.open(path).convert("RGB")
-    except FileNotFoundError:
-        raise InputError(f"--init-img {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise InputError(f"--init-img {path} is not an image the Python Imaging Library can read ({error})") from None
-    width, height = (side - side % multiple for side in image.size)
-    if width == 0 or height == 0:
-        raise InputError(f"--init-img {path} is {image.width}×{image.height}; both sides must be at least {multiple}")
-    if (width, height) != image.size:
-        logger.info("resizing the input image from %d×%d to %d×%d (multiples of %d)", *image.size, width, height,
-                    multiple)
-    array = np.asarray(image.resize((width, height), resample=Image.LANCZOS), dtype=np.float32) / 255.0
-    return 2.0 * torch.from_numpy(array).permute(2, 0, 1)[None] - 1.0
-
-
 @clean_exit
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -68,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = prompt_batches(args)
     config = load_config(args.config)
     geometry = Geometry.of(config)
-    init_image = load_img(args.init_img, geometry.multiple)
+    init_image = load_image(args.init_img, geometry.multiple)
     geometry.check(*init_image.shape[-2:], args.C, args.f)
     device = resolve_device(args.device)
     seed_everything(args.seed)

@@ -1,30 +1,20 @@
 """The KL autoencoder: original layout, same encode/decode as diffusers' AutoencoderKL on the same weights."""
 
 import torch
-from diffusers import AutoencoderKL as DiffusersAutoencoderKL
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
 
+from ldm.models.diffusers_interop import diffusers_vae
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import count_params
 
 
-def diffusers_vae(original_config: dict, state_dict: dict, meta: bool = False) -> DiffusersAutoencoderKL:
-    config = create_vae_diffusers_config_from_ldm(original_config, state_dict, image_size=512)
-    converted = convert_ldm_vae_checkpoint(state_dict, config)
-    with torch.device("meta") if meta else torch.device("cpu"):
-        vae = DiffusersAutoencoderKL(**config)
-    vae.load_state_dict(converted, strict=True, assign=meta)
-    return vae.eval()
-
-
 def test_v1_autoencoder_has_original_layout(v1_meta_model, v1_original_config):
-    vae = diffusers_vae(v1_original_config, v1_meta_model.state_dict(), meta=True)
+    vae = diffusers_vae(v1_meta_model.state_dict(), v1_original_config, meta=True)  # strict load
     assert vae.config.scaling_factor == v1_meta_model.scale_factor == 0.18215
     assert count_params(v1_meta_model.first_stage_model) == count_params(vae) == 83_653_863
 
 
 def test_tiny_autoencoder_matches_diffusers(tiny_model, tiny_original_config):
-    vae = diffusers_vae(tiny_original_config, tiny_model.state_dict())
+    vae = diffusers_vae(tiny_model.state_dict(), tiny_original_config)
     generator = torch.Generator().manual_seed(2)
     image = torch.rand(2, 3, 64, 48, generator=generator) * 2 - 1
     latent = torch.randn(2, 4, 8, 6, generator=generator)

@@ -41,7 +41,7 @@ def test_every_sampler_writes_reproducible_samples_rounded_to_64(sampler, tmp_pa
         assert img2img.main(tiny_run(tmp_path / name, tiny_checkpoint, photo, "--strength", "0.5", *sampler)) == 0
     first = np.asarray(Image.open(tmp_path / "a" / "samples" / "00001.png"))
     assert first.shape == (128, 64, 3)  # 100×140 rounded down to multiples of 64
-    assert "from 100×140 to 64×128" in caplog.text
+    assert "rocket.png from 100×140 to 64×128" in caplog.text
     assert np.array_equal(first, np.asarray(Image.open(tmp_path / "b" / "samples" / "00001.png")))
     text = Image.open(tmp_path / "a" / "samples" / "00000.png").text
     assert text["strength"] == "0.5" and text["init_image"] == "rocket.png" and text["size"] == "64x128"
@@ -55,7 +55,7 @@ def test_strength_one_and_zero_run(tmp_path, tiny_checkpoint, photo):
 
 @pytest.mark.parametrize("change, message", [
     (["--init-img", "missing.png"], "does not exist"),
-    (["--init-img", "NOT_AN_IMAGE"], "not an image"),
+    (["--init-img", "NOT_AN_IMAGE"], "NOT_AN_IMAGE is not an image"),
     (["--init-img", "TINY.png"], "at least 64"),
     (["--strength", "1.5"], "--strength must be between 0 and 1"),
     (["--strength", "-0.1"], "--strength must be between 0 and 1"),

@@ -4,8 +4,8 @@ import open_clip.tokenizer
 import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
-from transformers import CLIPTextModel
 
+from ldm.models.diffusers_interop import transformers_text_encoder
 from ldm.modules.encoders.modules import END_OF_TEXT, START_OF_TEXT, FrozenCLIPEmbedder
 from ldm.util import count_params
 
@@ -48,25 +48,20 @@ def test_v1_text_encoder_layout_loads_into_transformers(v1_meta_model):
     converted = convert_ldm_clip_checkpoint(state_dict)
     assert set(converted) == {k.removeprefix("cond_stage_model.transformer.") for k in state_dict
                               if k.startswith("cond_stage_model.")}
-    text_model = v1_meta_model.cond_stage_model.transformer.text_model
-    with torch.device("meta"):
-        reference = CLIPTextModel(text_model.config)
-    reference.load_state_dict({k.removeprefix("text_model."): v for k, v in converted.items()}, strict=True,
-                              assign=True)
+    config = v1_meta_model.cond_stage_model.transformer.text_model.config
+    transformers_text_encoder(state_dict, config, meta=True)  # strict load
     assert count_params(v1_meta_model.cond_stage_model) == 123_060_480
-    cfg = text_model.config
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size,
-            cfg.max_position_embeddings, cfg.vocab_size, cfg.hidden_act) == (768, 12, 12, 3072, 77, 49408, "quick_gelu")
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.intermediate_size,
+            config.max_position_embeddings, config.vocab_size, config.hidden_act) == (768, 12, 12, 3072, 77, 49408,
+                                                                                        "quick_gelu")
 
 
 def test_tiny_text_encoder_matches_transformers(tiny_model, tiny_embedder):
-    converted = convert_ldm_clip_checkpoint(tiny_model.state_dict())
-    reference = CLIPTextModel(tiny_embedder.transformer.text_model.config)
-    reference.load_state_dict({k.removeprefix("text_model."): v for k, v in converted.items()}, strict=True)
+    reference = transformers_text_encoder(tiny_model.state_dict(), tiny_embedder.transformer.text_model.config)
     prompts = PROMPTS[:4]
     with torch.no_grad():
         ours = tiny_model.get_learned_conditioning(prompts)
-        theirs = reference.eval()(input_ids=tiny_embedder.tokenize(prompts)).last_hidden_state
+        theirs = reference(input_ids=tiny_embedder.tokenize(prompts)).last_hidden_state
     assert ours.shape == (4, 77, 32)
     assert (ours - theirs).abs().max() <= 1e-4
 

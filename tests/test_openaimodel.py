@@ -1,26 +1,15 @@
 """The UNet: original checkpoint layout, and the same outputs as diffusers' UNet2DConditionModel on the same weights."""
 
 import torch
-from diffusers import UNet2DConditionModel
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 
+from ldm.models.diffusers_interop import diffusers_unet
 from ldm.util import count_params
-
-
-def diffusers_unet(original_config: dict, state_dict: dict, meta: bool = False) -> UNet2DConditionModel:
-    """diffusers' UNet with our weights, converted by diffusers' own single-file converter (strict load)."""
-    config = create_unet_diffusers_config_from_ldm(original_config, state_dict, image_size=512)
-    converted = convert_ldm_unet_checkpoint(state_dict, config)
-    with torch.device("meta") if meta else torch.device("cpu"):
-        unet = UNet2DConditionModel(**config)
-    unet.load_state_dict(converted, strict=True, assign=meta)
-    return unet.eval()
 
 
 def test_v1_unet_has_original_layout_and_size(v1_meta_model, v1_original_config):
     assert round(count_params(v1_meta_model.model) / 1e6, 2) == 859.52
     state_dict = v1_meta_model.state_dict()
-    unet = diffusers_unet(v1_original_config, state_dict, meta=True)
+    unet = diffusers_unet(state_dict, v1_original_config, meta=True)  # strict load
     ours = {k: v.shape for k, v in state_dict.items() if k.startswith("model.diffusion_model.")}
     assert len(ours) == len(unet.state_dict()) == 686
     assert ours["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"] == (320, 768)
@@ -28,7 +17,7 @@ def test_v1_unet_has_original_layout_and_size(v1_meta_model, v1_original_config)
 
 
 def test_tiny_unet_matches_diffusers(tiny_model, tiny_original_config):
-    unet = diffusers_unet(tiny_original_config, tiny_model.state_dict())
+    unet = diffusers_unet(tiny_model.state_dict(), tiny_original_config)
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, 16, 24, generator=generator)
     t = torch.tensor([981.0, 37.5])

@@ -25,7 +25,7 @@ def test_numbering_continues_after_the_highest_existing_file(tmp_path):
 def test_a_name_taken_meanwhile_is_skipped_not_overwritten(tmp_path, monkeypatch):
     writer = ImageWriter(tmp_path, watermark=False)
     (tmp_path / "samples").mkdir()
-    monkeypatch.setattr(ImageWriter, "_next_number", staticmethod(lambda directory, prefix: 0))
+    monkeypatch.setattr(ImageWriter, "next_number", lambda self, subdir, prefix: 0)
     (tmp_path / "samples" / "00000.png").write_bytes(b"someone else's")
     assert writer.save(Image.new("RGB", (8, 8))).name == "00001.png"
     assert (tmp_path / "samples" / "00000.png").read_bytes() == b"someone else's"

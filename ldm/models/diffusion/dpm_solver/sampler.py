@@ -41,16 +41,20 @@ class DPMSolverSampler:
     def time_continuous_to_discrete(self, t: float) -> float:
         return t * self.total_N - 1.0
 
-    def _solver(self, conditioning: Any, unconditional_conditioning: Any, scale: float,
-                correcting_xt_fn: Callable | None = None) -> DPM_Solver:
+    def model_fn(self, conditioning: Any, unconditional_conditioning: Any = None, scale: float = 1.0
+                 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The (guided) noise prediction ε(x, t) at continuous times t: (B,), whatever the parameterization."""
         if self.model.parameterization not in MODEL_TYPES:
             raise ValueError(f"unsupported parameterization {self.model.parameterization!r}")
-        model_fn = model_wrapper(lambda x, t, c: self.model.apply_model(x, t, c), self.noise_schedule,
-                                 model_type=MODEL_TYPES[self.model.parameterization], guidance_type="classifier-free",
-                                 condition=conditioning, unconditional_condition=unconditional_conditioning,
-                                 guidance_scale=scale)
-        return DPM_Solver(model_fn, self.noise_schedule, algorithm_type="dpmsolver++",
-                          correcting_xt_fn=correcting_xt_fn)
+        return model_wrapper(lambda x, t, c: self.model.apply_model(x, t, c), self.noise_schedule,
+                             model_type=MODEL_TYPES[self.model.parameterization], guidance_type="classifier-free",
+                             condition=conditioning, unconditional_condition=unconditional_conditioning,
+                             guidance_scale=scale)
+
+    def _solver(self, conditioning: Any, unconditional_conditioning: Any, scale: float,
+                correcting_xt_fn: Callable | None = None) -> DPM_Solver:
+        return DPM_Solver(self.model_fn(conditioning, unconditional_conditioning, scale), self.noise_schedule,
+                          algorithm_type="dpmsolver++", correcting_xt_fn=correcting_xt_fn)
 
     @torch.no_grad()
     def sample(self, S: int, batch_size: int, shape: tuple[int, int, int], conditioning: Any = None,

@@ -1,0 +1,42 @@
+"""Our weights in diffusers' and transformers' classes, converted by diffusers' own single-file converters.
+
+For cross-checks and benchmarks against the peer implementation; sampling never needs it.
+"""
+
+from typing import Any, Mapping
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                 convert_ldm_vae_checkpoint, create_unet_diffusers_config_from_ldm,
+                                                 create_vae_diffusers_config_from_ldm)
+from transformers import CLIPTextConfig, CLIPTextModel
+
+IMAGE_SIZE = 512  # only sets the config's nominal sample size; it saves diffusers guessing the model type
+
+
+def _build(cls, config: Mapping[str, Any] | Any, state_dict: Mapping[str, torch.Tensor], meta: bool):
+    with torch.device("meta") if meta else torch.device("cpu"):
+        module = cls(**config) if isinstance(config, Mapping) else cls(config)
+    module.load_state_dict(state_dict, strict=True, assign=meta)
+    return module.eval()
+
+
+def diffusers_unet(state_dict: Mapping[str, torch.Tensor], original_config: Mapping, meta: bool = False
+                   ) -> UNet2DConditionModel:
+    config = create_unet_diffusers_config_from_ldm(original_config, state_dict, image_size=IMAGE_SIZE)
+    return _build(UNet2DConditionModel, config, convert_ldm_unet_checkpoint(dict(state_dict), config), meta)
+
+
+def diffusers_vae(state_dict: Mapping[str, torch.Tensor], original_config: Mapping, meta: bool = False
+                  ) -> AutoencoderKL:
+    config = create_vae_diffusers_config_from_ldm(original_config, state_dict, image_size=IMAGE_SIZE)
+    return _build(AutoencoderKL, config, convert_ldm_vae_checkpoint(dict(state_dict), config), meta)
+
+
+def transformers_text_encoder(state_dict: Mapping[str, torch.Tensor], config: CLIPTextConfig, meta: bool = False
+                              ) -> CLIPTextModel:
+    """transformers ≥ 5 flattened CLIPTextModel: the converter's ``text_model.`` prefix is dropped."""
+    converted = {key.removeprefix("text_model."): value for key, value in
+                 convert_ldm_clip_checkpoint(dict(state_dict)).items() if not key.endswith("position_ids")}
+    return _build(CLIPTextModel, config, converted, meta)

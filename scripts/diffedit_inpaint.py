@@ -1,0 +1,113 @@
+"""DiffEdit with DPM-Solver: edit a photo from two prompts, or inpaint it inside a mask you give.
+
+    python scripts/diffedit_inpaint.py --init-img fruit.png --prompt "A bowl of fruits" --edit "A bowl of pears"
+
+Writes OUTDIR/samples/NNNNN.png (the edit) and OUTDIR/masks/NNNNN.png (the mask used, white = edited).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from ldm.cli import add_checkpoint_arguments, add_extra_arguments, clean_exit
+from ldm.editing.diffedit import ENCODE_TYPES, diffedit, mask_image
+from ldm.generation import Geometry, Pipeline, load_image, load_safety_checker, resolve_device
+from ldm.models.loading import load_config
+from ldm.output import ImageWriter, check_writable, to_pil
+from ldm.util import InputError
+
+ASPECT_TOLERANCE = 0.02  # a user mask may differ this much in aspect ratio from the image before we refuse it
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--init-img", type=str, required=False, help="path to the photo to edit")
+    parser.add_argument("--prompt", type=str, default="A bowl of fruits", help="what the photo shows (the source)")
+    parser.add_argument("--edit", type=str, default="A bowl of pears", help="what it should show (the target)")
+    parser.add_argument("--mask", type=str, default=None,
+                        help="a mask image (white = edit); without it the mask is estimated from the two prompts")
+    parser.add_argument("--encode_ratio", type=float, default=0.6,
+                        help="how far to noise the photo before editing, in (0, 1]; higher changes more")
+    parser.add_argument("--ddim_steps", type=int, default=20, help="DPM-Solver steps")
+    parser.add_argument("--encode_type", type=str, default="stochastic", choices=ENCODE_TYPES,
+                        help="stochastic: noise in one jump; deterministic: ODE inversion under the source prompt")
+    parser.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
+    parser.add_argument("--n_samples", type=int, default=1, help="how many edits to make")
+    parser.add_argument("--outdir", type=str, default="outputs/diffedit-samples", help="dir to write results to")
+    add_checkpoint_arguments(parser)
+    add_extra_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def load_mask(path: str, image_size: tuple[int, int]) -> Image.Image:
+    """The user mask, refused if its aspect ratio differs from the image's (it is resized to the latent grid)."""
+    try:
+        mask = Image.open(path)
+        mask.load()
+    except FileNotFoundError:
+        raise InputError(f"--mask {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise InputError(f"--mask {path} is not an image ({error})") from None
+    height, width = image_size
+    if abs(mask.width / mask.height - width / height) > ASPECT_TOLERANCE * width / height:
+        raise InputError(f"--mask {path} is {mask.width}×{mask.height} but the image is {width}×{height}: give a "
+                         "mask with the image's aspect ratio")
+    return mask
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if not args.init_img:
+        raise InputError("--init-img is required: the photo to edit")
+    if not 0.0 < args.encode_ratio <= 1.0:
+        raise InputError(f"--encode_ratio must be in (0, 1], got {args.encode_ratio}")
+    for flag in ("ddim_steps", "n_samples"):
+        if getattr(args, flag) <= 0:
+            raise InputError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
+    if args.ddim_steps < 2:
+        raise InputError("--ddim_steps must be at least 2 (DPM-Solver++(2M))")
+    if args.scale < 0:
+        raise InputError(f"--scale must be non-negative, got {args.scale}")
+    check_writable(args.outdir)
+
+
+@clean_exit
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_args(args)
+    config = load_config(args.config)
+    geometry = Geometry.of(config)
+    init_image = load_image(args.init_img, geometry.multiple)
+    image_size = tuple(init_image.shape[-2:])
+    user_mask = load_mask(args.mask, image_size) if args.mask else None
+    device = resolve_device(args.device)
+    safety_checker = load_safety_checker(config, args.safety_checker, args.no_safety_checker, device)
+    pipeline = Pipeline.load(config, args.ckpt, device, args.precision, "dpm_solver", safety_checker)
+
+    with pipeline.scope():
+        result = diffedit(pipeline.model, pipeline.sampler, init_image, args.prompt, args.edit,
+                          encode_ratio=args.encode_ratio, steps=args.ddim_steps, encode_type=args.encode_type,
+                          scale=args.scale, seed=args.seed, mask=user_mask, negative_prompt=args.negative_prompt,
+                          n_samples=args.n_samples, verbose=True)
+    images, flagged = pipeline.check_safety(result.images)
+    writer = ImageWriter(args.outdir)
+    metadata = dict(prompt=args.prompt, edit=args.edit, negative_prompt=args.negative_prompt, seed=args.seed,
+                    sampler="dpm_solver", steps=args.ddim_steps, scale=args.scale, encode_ratio=args.encode_ratio,
+                    encode_type=args.encode_type, size=f"{image_size[1]}x{image_size[0]}",
+                    checkpoint=Path(args.ckpt).name, init_image=Path(args.init_img).name,
+                    mask=Path(args.mask).name if args.mask else "estimated")
+    mask = mask_image(result.mask, image_size)
+    for image in to_pil(images):
+        number = max(writer.next_number("samples"), writer.next_number("masks"))
+        sample = writer.save(image, "samples", metadata=metadata, number=number)
+        writer.save(mask, "masks", metadata=metadata, number=int(sample.stem), watermark=False)
+    writer.report()
+    if flagged:
+        print(f"the safety checker replaced {flagged} of {len(images)} images with a placeholder", file=sys.stderr)
+    print(f"Your edits and their masks are ready and waiting for you here:\n{args.outdir}\nEnjoy.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
