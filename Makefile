@@ -12,14 +12,10 @@ $(STAMP): requirements.txt setup.py
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $@
 
-models/tiny/random.safetensors: configs/stable-diffusion/v1-tiny.yaml | $(STAMP)
-	rm -f $@
-	$(BIN)/python scripts/make_random_checkpoint.py --config $< --out $@
-
-demo: $(STAMP) models/tiny/random.safetensors
-	$(BIN)/python scripts/txt2img.py --config configs/stable-diffusion/v1-tiny.yaml \
-		--ckpt models/tiny/random.safetensors --H 256 --W 256 --dpm_solver --ddim_steps 25 --n_iter 1 \
-		--from-file assets/demo-prompts.txt --n_samples 4 --outdir outputs/demo --no_safety_checker
+demo: $(STAMP)
+	$(BIN)/python scripts/txt2img.py --config configs/demo/shapes-inference.yaml \
+		--ckpt models/demo/shapes.safetensors --H 64 --W 64 --dpm_solver --ddim_steps 25 --n_iter 1 \
+		--from-file assets/demo-prompts.txt --n_samples 4 --outdir outputs/demo
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q

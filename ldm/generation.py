@@ -163,6 +163,10 @@ class Pipeline:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return decode_images(self.model, latents)
 
+    def to_images(self, latents: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Latents → checked images in [0, 1] (flagged ones replaced) and how many were flagged."""
+        return self.check_safety(self.decode(latents))
+
     def check_safety(self, images: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Images with flagged ones replaced, and how many were flagged."""
         if self.safety_checker is None:

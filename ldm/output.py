@@ -1,5 +1,6 @@
 """Writing results: numbered PNGs that never overwrite anything, grids, watermark and text metadata."""
 
+import json
 import logging
 import os
 import re
@@ -95,3 +96,45 @@ class ImageWriter:
         if self.unmarked:
             logger.warning("%d image(s) smaller than 256×256 were saved without the invisible watermark "
                            "(the dwtDct watermark needs at least 256×256 pixels)", self.unmarked)
+
+
+class RunOutput:
+    """The files of one txt2img / img2img run: each batch as numbered samples, all of them as one grid at the end,
+    as the original writes them (``samples/NNNNN.png``, ``grid-NNNN.png``)."""
+
+    def __init__(self, outdir: str | Path, metadata: Mapping[str, Any], skip_save: bool = False,
+                 skip_grid: bool = False):
+        self.writer = ImageWriter(outdir)
+        self.metadata = dict(metadata)
+        self.skip_save, self.skip_grid = skip_save, skip_grid
+        self.grid_images: list[torch.Tensor] = []
+        self.prompts: list[str] = []
+        self.saved = self.total = self.flagged = 0
+
+    def add(self, images: torch.Tensor, flagged: int, prompts: list[str]) -> None:
+        """A batch of checked images (B, 3, H, W) in [0, 1], how many the safety checker replaced, their prompts."""
+        self.total += len(images)
+        self.flagged += flagged
+        if not self.skip_save:
+            for prompt, image in zip(prompts, to_pil(images)):
+                self.writer.save(image, "samples", metadata=dict(self.metadata, prompt=prompt))
+                self.saved += 1
+        if not self.skip_grid:
+            self.grid_images.append(images)
+            self.prompts += prompts
+
+    def close(self, n_rows: int) -> str:
+        """Write the grid (``n_rows`` images per row) and return the run's closing message."""
+        grid = ""
+        if self.grid_images:
+            prompts = sorted(set(self.prompts))
+            path = self.writer.save(image_grid(torch.cat(self.grid_images), n_rows), "", prefix="grid-", digits=4,
+                                    metadata=dict(self.metadata, prompt=prompts[0] if len(prompts) == 1
+                                                  else json.dumps(prompts)))
+            grid = f" and the grid {path}"
+        self.writer.report()
+        if self.flagged:
+            logger.warning("the safety checker replaced %d of %d images with a placeholder", self.flagged,
+                           self.total)
+        return (f"Your samples are ready and waiting for you here:\n{self.writer.outdir}\n({self.saved} samples"
+                f"{grid})\nEnjoy.")

@@ -4,7 +4,6 @@
 """
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -15,10 +14,8 @@ from ldm.cli import (add_extra_arguments, add_model_arguments, add_prompt_and_ou
                      clean_exit, prompt_batches, sampler_name)
 from ldm.generation import Geometry, Pipeline, load_image, load_safety_checker, resolve_device
 from ldm.models.loading import load_config
-from ldm.output import ImageWriter, image_grid, to_pil
+from ldm.output import RunOutput
 from ldm.util import InputError, seed_everything
-
-logger = logging.getLogger("ldm.img2img")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,8 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fixed_code", action="store_true",
                         help="if enabled, uses the same noise for every batch")
     add_model_arguments(parser, n_iter=1, n_samples=2, scale=5.0)
-    parser.add_argument("--C", type=int, default=4, help="latent channels")
-    parser.add_argument("--f", type=int, default=8, help="downsampling factor, most often 8 or 16")
+    parser.add_argument("--C", type=int, default=None, help="latent channels (default: the config's, 4 for SD v1)")
+    parser.add_argument("--f", type=int, default=None, help="downsampling factor (default: the config's, 8 for SD v1)")
     parser.add_argument("--strength", type=float, default=0.75,
                         help="strength for noising/unnoising. 1.0 corresponds to full destruction of information "
                              "in init image")
@@ -55,12 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     safety_checker = load_safety_checker(config, args.safety_checker, args.no_safety_checker, device)
     pipeline = Pipeline.load(config, args.ckpt, device, args.precision, sampler_name(args), safety_checker)
 
-    writer = ImageWriter(args.outdir)
     height, width = init_image.shape[-2:]
     metadata = dict(negative_prompt=args.negative_prompt, seed=args.seed, sampler=pipeline.sampler_name,
                     steps=args.ddim_steps, scale=args.scale, strength=args.strength, size=f"{width}x{height}",
                     checkpoint=Path(args.ckpt).name, init_image=Path(args.init_img).name)
-    all_images, flagged, saved = [], 0, 0
+    output = RunOutput(args.outdir, metadata, args.skip_save, args.skip_grid)
     with pipeline.scope(), tqdm(total=args.n_iter * len(batches), desc="Sampling", unit="batch") as progress:
         init_latent = pipeline.encode(init_image.repeat(args.n_samples, 1, 1, 1))
         noise = torch.randn_like(init_latent) if args.fixed_code else None
@@ -72,23 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                                                    unconditional_guidance_scale=args.scale,
                                                    unconditional_conditioning=uc, eta=args.ddim_eta,
                                                    noise=None if noise is None else noise[:n], verbose=False)
-                images, replaced = pipeline.check_safety(pipeline.decode(latents))
-                flagged += replaced
-                if not args.skip_save:
-                    for prompt, image in zip(prompts, to_pil(images)):
-                        writer.save(image, "samples", metadata=dict(metadata, prompt=prompt))
-                        saved += 1
-                all_images.append(images)
+                output.add(*pipeline.to_images(latents), prompts)
                 progress.update()
-    if not args.skip_grid:
-        writer.save(image_grid(torch.cat(all_images), args.n_rows or args.n_samples), "", prefix="grid-", digits=4,
-                    metadata=dict(metadata, prompt=batches[0][0]))
-    writer.report()
-    if flagged:
-        logger.warning("the safety checker replaced %d of %d images with a placeholder", flagged,
-                       args.n_iter * sum(map(len, batches)))
-    print(f"Your samples are ready and waiting for you here:\n{args.outdir}\n({saved} samples"
-          f"{'' if args.skip_grid else ' and a grid'})\nEnjoy.")
+    print(output.close(args.n_rows or args.n_samples))
     return 0
 
 

@@ -4,7 +4,6 @@
 """
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from ldm.cli import (add_extra_arguments, add_model_arguments, add_prompt_and_ou
                      clean_exit, prompt_batches, sampler_name)
 from ldm.generation import Geometry, Pipeline, load_safety_checker, resolve_device
 from ldm.models.loading import load_config
-from ldm.output import ImageWriter, image_grid, to_pil
+from ldm.output import RunOutput
 from ldm.util import InputError, seed_everything
 
 logger = logging.getLogger("ldm.txt2img")
@@ -34,8 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_arguments(parser, n_iter=2, n_samples=3, scale=7.5)
     parser.add_argument("--H", type=int, default=512, help="image height, in pixel space")
     parser.add_argument("--W", type=int, default=512, help="image width, in pixel space")
-    parser.add_argument("--C", type=int, default=4, help="latent channels")
-    parser.add_argument("--f", type=int, default=8, help="downsampling factor")
+    parser.add_argument("--C", type=int, default=None, help="latent channels (default: the config's, 4 for SD v1)")
+    parser.add_argument("--f", type=int, default=None, help="downsampling factor (default: the config's, 8 for SD v1)")
     add_extra_arguments(parser)
     args = parser.parse_args(argv)
     if args.laion400m:
@@ -62,10 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
     shape = geometry.latent_shape(args.H, args.W)
     start_code = torch.randn((args.n_samples, *shape), device=device) if args.fixed_code else None
-    writer = ImageWriter(args.outdir)
     metadata = dict(negative_prompt=args.negative_prompt, seed=args.seed, sampler=pipeline.sampler_name,
                     steps=args.ddim_steps, scale=args.scale, size=f"{args.W}x{args.H}", checkpoint=Path(args.ckpt).name)
-    all_images, flagged, saved = [], 0, 0
+    output = RunOutput(args.outdir, metadata, args.skip_save, args.skip_grid)
     with pipeline.scope(), tqdm(total=args.n_iter * len(batches), desc="Sampling", unit="batch") as progress:
         for _ in range(args.n_iter):
             for prompts in batches:
@@ -75,26 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                                                      conditioning=c, verbose=False,
                                                      unconditional_guidance_scale=args.scale,
                                                      unconditional_conditioning=uc, eta=args.ddim_eta, x_T=x_T)
-                images, replaced = pipeline.check_safety(pipeline.decode(latents))
-                flagged += replaced
-                if not args.skip_save:
-                    for prompt, image in zip(prompts, to_pil(images)):
-                        writer.save(image, "samples", metadata=dict(metadata, prompt=prompt))
-                        saved += 1
-                if not args.skip_grid:
-                    all_images.append(images)
+                output.add(*pipeline.to_images(latents), prompts)
                 progress.update()
-    if not args.skip_grid:
-        grid = image_grid(torch.cat(all_images), args.n_rows or args.n_samples)
-        prompts = sorted({p for batch in batches for p in batch})
-        writer.save(grid, "", prefix="grid-", digits=4,
-                    metadata=dict(metadata, prompt=prompts[0] if len(prompts) == 1 else json.dumps(prompts)))
-    writer.report()
-    if flagged:
-        logger.warning("the safety checker replaced %d of %d images with a placeholder", flagged,
-                       args.n_iter * sum(map(len, batches)))
-    print(f"Your samples are ready and waiting for you here:\n{args.outdir}\n({saved} samples"
-          f"{'' if args.skip_grid else ' and a grid'})\nEnjoy.")
+    print(output.close(args.n_rows or args.n_samples))
     return 0
 
 

@@ -5,13 +5,15 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from conftest import TINY_CONFIG, load_script
+from conftest import ROOT, TINY_CONFIG, load_script
+from ldm.generation import Geometry
+from ldm.models.loading import load_config
 
 img2img = load_script("img2img")
 
 ORIGINAL_DEFAULTS = dict(
     prompt="a painting of a virus monster playing guitar", init_img=None, outdir="outputs/img2img-samples",
-    skip_grid=False, skip_save=False, ddim_steps=50, plms=False, fixed_code=False, ddim_eta=0.0, n_iter=1, C=4, f=8,
+    skip_grid=False, skip_save=False, ddim_steps=50, plms=False, fixed_code=False, ddim_eta=0.0, n_iter=1,
     n_samples=2, n_rows=0, scale=5.0, strength=0.75, from_file=None,
     config="configs/stable-diffusion/v1-inference.yaml", ckpt="models/ldm/stable-diffusion-v1/model.ckpt", seed=42,
     precision="autocast")
@@ -32,6 +34,10 @@ def tiny_run(outdir, checkpoint, image, *extra: str) -> list[str]:
 def test_defaults_are_the_originals():
     args = img2img.parse_args([])
     assert {key: getattr(args, key) for key in ORIGINAL_DEFAULTS} == ORIGINAL_DEFAULTS
+    # --C and --f default to the config's latent channels and factor: 4 and 8 for v1, the original's defaults
+    assert (args.C, args.f) == (None, None)
+    geometry = Geometry.of(load_config(ROOT / args.config))
+    assert (geometry.latent_channels, geometry.factor) == (4, 8)
     assert not args.dpm_solver and args.negative_prompt == ""
 
 

@@ -56,8 +56,11 @@ def test_v1_text_encoder_layout_loads_into_transformers(v1_meta_model):
                                                                                         "quick_gelu")
 
 
-def test_tiny_text_encoder_matches_transformers(tiny_model, tiny_embedder):
-    reference = transformers_text_encoder(tiny_model.state_dict(), tiny_embedder.transformer.text_model.config)
+@pytest.mark.parametrize("meta", [False, True])
+def test_tiny_text_encoder_matches_transformers(tiny_model, tiny_embedder, meta):
+    """``meta``: built without initialising, on our tensors (its position_ids are not in any state dict)."""
+    reference = transformers_text_encoder(tiny_model.state_dict(), tiny_embedder.transformer.text_model.config,
+                                          meta=meta)
     prompts = PROMPTS[:4]
     with torch.no_grad():
         ours = tiny_model.get_learned_conditioning(prompts)

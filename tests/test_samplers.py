@@ -43,3 +43,31 @@ def test_one_interface_for_every_sampler(name, tiny_model, conditioning, monkeyp
 def test_unknown_sampler_names_the_choices(tiny_model):
     with pytest.raises(ValueError, match="ddim, plms, dpm_solver"):
         make_sampler("euler", tiny_model)
+
+
+SYNCING_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_the_step_loop_never_waits_for_the_device(name, tiny_model, conditioning, monkeypatch):
+    """Between the first and the last model call nothing copies a tensor to the host (on a GPU each such call
+    would stall the queue); grids and coefficients are computed before the loop."""
+    cond, uncond = conditioning
+    events = []
+    apply_model = tiny_model.apply_model
+    monkeypatch.setattr(tiny_model, "apply_model", lambda x, t, c: events.append("model") or apply_model(x, t, c))
+    for method in SYNCING_METHODS:
+        original = getattr(torch.Tensor, method)
+
+        def counting(self, *args, _original=original, _method=method, **kwargs):
+            events.append(_method)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counting)
+    sampler = make_sampler(name, tiny_model)
+    sampler.sample(S=5, batch_size=2, shape=(4, 8, 8), conditioning=cond, unconditional_conditioning=uncond,
+                   unconditional_guidance_scale=7.5, verbose=False)
+    monkeypatch.undo()
+    first, last = events.index("model"), len(events) - 1 - events[::-1].index("model")
+    assert events.count("model") == MODEL_CALLS[name]
+    assert [event for event in events[first:last] if event != "model"] == []

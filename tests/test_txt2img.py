@@ -8,13 +8,15 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, TINY_CONFIG, load_script
+from ldm.generation import Geometry
+from ldm.models.loading import load_config
 
 txt2img = load_script("txt2img")
 
 ORIGINAL_DEFAULTS = dict(
     prompt="a painting of a virus monster playing guitar", outdir="outputs/txt2img-samples", skip_grid=False,
     skip_save=False, ddim_steps=50, plms=False, dpm_solver=False, laion400m=False, fixed_code=False, ddim_eta=0.0,
-    n_iter=2, H=512, W=512, C=4, f=8, n_samples=3, n_rows=0, scale=7.5, from_file=None,
+    n_iter=2, H=512, W=512, n_samples=3, n_rows=0, scale=7.5, from_file=None,
     config="configs/stable-diffusion/v1-inference.yaml", ckpt="models/ldm/stable-diffusion-v1/model.ckpt", seed=42,
     precision="autocast")
 
@@ -31,6 +33,10 @@ def pixels(path) -> np.ndarray:
 def test_defaults_are_the_originals():
     args = txt2img.parse_args([])
     assert {key: getattr(args, key) for key in ORIGINAL_DEFAULTS} == ORIGINAL_DEFAULTS
+    # --C and --f default to the config's latent channels and factor: 4 and 8 for v1, the original's defaults
+    assert (args.C, args.f) == (None, None)
+    geometry = Geometry.of(load_config(ROOT / args.config))
+    assert (geometry.latent_channels, geometry.factor) == (4, 8)
     assert args.negative_prompt == "" and args.device == "auto" and not args.no_safety_checker
 
 

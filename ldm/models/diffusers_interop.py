@@ -39,4 +39,8 @@ def transformers_text_encoder(state_dict: Mapping[str, torch.Tensor], config: CL
     """transformers ≥ 5 flattened CLIPTextModel: the converter's ``text_model.`` prefix is dropped."""
     converted = {key.removeprefix("text_model."): value for key, value in
                  convert_ldm_clip_checkpoint(dict(state_dict)).items() if not key.endswith("position_ids")}
-    return _build(CLIPTextModel, config, converted, meta)
+    module = _build(CLIPTextModel, config, converted, meta)
+    embeddings = module.embeddings  # its position_ids buffer is not in the state dict: on meta it stays empty
+    embeddings.position_ids = torch.arange(config.max_position_embeddings,
+                                           device=embeddings.token_embedding.weight.device)[None]
+    return module

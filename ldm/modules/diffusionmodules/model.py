@@ -1,7 +1,8 @@
 """Encoder and decoder of the KL autoencoder (the first stage of latent diffusion, Esser et al. 2021 layout).
 
 Module names equal the original checkpoint's (``down.{i}.block.{j}``, ``mid.attn_1``, ``up.{i}.upsample``…).
-Every normalisation here is GroupNorm with 32 groups and eps 1e-6; the activation is SiLU.
+Every normalisation here is GroupNorm (32 groups unless ``norm_num_groups`` says otherwise, eps 1e-6); the
+activation is SiLU.
 """
 
 import logging
@@ -14,8 +15,8 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
-def Normalize(in_channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
+def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
 
 
 class Upsample(nn.Module):
@@ -43,12 +44,12 @@ class Downsample(nn.Module):
 class ResnetBlock(nn.Module):
     """h = conv2(dropout(SiLU(norm2(conv1(SiLU(norm1 x)))))); return shortcut(x) + h (1×1 shortcut if widths differ)."""
 
-    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0, num_groups: int = 32):
         super().__init__()
         out_channels = out_channels or in_channels
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, num_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, num_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
@@ -64,9 +65,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels, with 1×1 convolutions for q, k, v and the output."""
 
-    def __init__(self, in_channels: int):
+    def __init__(self, in_channels: int, num_groups: int = 32):
         super().__init__()
-        self.norm = Normalize(in_channels)
+        self.norm = Normalize(in_channels, num_groups)
         self.q = nn.Conv2d(in_channels, in_channels, kernel_size=1)
         self.k = nn.Conv2d(in_channels, in_channels, kernel_size=1)
         self.v = nn.Conv2d(in_channels, in_channels, kernel_size=1)
@@ -81,11 +82,11 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(h)
 
 
-def _mid_block(channels: int, dropout: float) -> nn.Module:
+def _mid_block(channels: int, dropout: float, num_groups: int) -> nn.Module:
     mid = nn.Module()
-    mid.block_1 = ResnetBlock(channels, channels, dropout)
-    mid.attn_1 = AttnBlock(channels)
-    mid.block_2 = ResnetBlock(channels, channels, dropout)
+    mid.block_1 = ResnetBlock(channels, channels, dropout, num_groups)
+    mid.attn_1 = AttnBlock(channels, num_groups)
+    mid.block_2 = ResnetBlock(channels, channels, dropout, num_groups)
     return mid
 
 
@@ -103,7 +104,8 @@ class Encoder(nn.Module):
     """
 
     def __init__(self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int],
-                 in_channels: int, resolution: int, z_channels: int, double_z: bool = True, dropout: float = 0.0):
+                 in_channels: int, resolution: int, z_channels: int, double_z: bool = True, dropout: float = 0.0,
+                 norm_num_groups: int = 32):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
         self.down = nn.ModuleList()
@@ -111,17 +113,17 @@ class Encoder(nn.Module):
         for i_level, mult in enumerate(ch_mult):
             blocks, attns = [], []
             for _ in range(num_res_blocks):
-                blocks.append(ResnetBlock(block_in, ch * mult, dropout))
+                blocks.append(ResnetBlock(block_in, ch * mult, dropout, norm_num_groups))
                 block_in = ch * mult
                 if curr_res in attn_resolutions:
-                    attns.append(AttnBlock(block_in))
+                    attns.append(AttnBlock(block_in, norm_num_groups))
             level = _level(blocks, attns)
             if i_level != len(ch_mult) - 1:
                 level.downsample = Downsample(block_in)
                 curr_res //= 2
             self.down.append(level)
-        self.mid = _mid_block(block_in, dropout)
-        self.norm_out = Normalize(block_in)
+        self.mid = _mid_block(block_in, dropout, norm_num_groups)
+        self.norm_out = Normalize(block_in, norm_num_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, stride=1,
                                   padding=1)
 
@@ -142,27 +144,28 @@ class Decoder(nn.Module):
     """Latent (B, z_channels, h, w) → image (B, out_ch, h·f, w·f); ``num_res_blocks + 1`` blocks per level."""
 
     def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int], num_res_blocks: int,
-                 attn_resolutions: Sequence[int], resolution: int, z_channels: int, dropout: float = 0.0):
+                 attn_resolutions: Sequence[int], resolution: int, z_channels: int, dropout: float = 0.0,
+                 norm_num_groups: int = 32):
         super().__init__()
         block_in = ch * ch_mult[-1]
         curr_res = resolution // 2 ** (len(ch_mult) - 1)
         logger.debug("Working with z of shape (1, %d, %d, %d)", z_channels, curr_res, curr_res)
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
-        self.mid = _mid_block(block_in, dropout)
+        self.mid = _mid_block(block_in, dropout, norm_num_groups)
         self.up = nn.ModuleList()
         for i_level, mult in reversed(list(enumerate(ch_mult))):
             blocks, attns = [], []
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResnetBlock(block_in, ch * mult, dropout))
+                blocks.append(ResnetBlock(block_in, ch * mult, dropout, norm_num_groups))
                 block_in = ch * mult
                 if curr_res in attn_resolutions:
-                    attns.append(AttnBlock(block_in))
+                    attns.append(AttnBlock(block_in, norm_num_groups))
             level = _level(blocks, attns)
             if i_level != 0:
                 level.upsample = Upsample(block_in)
                 curr_res *= 2
             self.up.insert(0, level)
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, norm_num_groups)
         self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -54,12 +54,13 @@ class ResBlock(nn.Module):
     """h = conv(SiLU(GN(x))) + Linear(SiLU(emb)); h = conv(dropout(SiLU(GN(h)))); return skip(x) + h."""
 
     def __init__(self, channels: int, emb_channels: int, dropout: float = 0.0, out_channels: int | None = None,
-                 use_checkpoint: bool = False):
+                 use_checkpoint: bool = False, num_groups: int = 32):
         super().__init__()
         out_channels = out_channels or channels
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(normalization(channels, num_groups), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
-        self.out_layers = nn.Sequential(normalization(out_channels), nn.SiLU(), nn.Dropout(p=dropout),
+        self.out_layers = nn.Sequential(normalization(out_channels, num_groups), nn.SiLU(), nn.Dropout(p=dropout),
                                         zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
         self.skip_connection = (nn.Identity() if out_channels == channels
                                 else nn.Conv2d(channels, out_channels, 1))
@@ -80,13 +81,15 @@ class UNetModel(nn.Module):
     ``attention_resolutions`` are downsampling factors (1 = full latent resolution). Heads: ``num_heads``
     heads of ``channels // num_heads`` each, or, when ``num_head_channels`` is set, heads of that width.
     ``legacy`` is kept for config compatibility: with spatial transformers both settings give the same network.
+    ``norm_num_groups`` (default 32, as SD) lets narrow models keep several channels per group.
     """
 
     def __init__(self, in_channels: int, model_channels: int, out_channels: int, num_res_blocks: int,
                  attention_resolutions: Sequence[int], channel_mult: Sequence[int] = (1, 2, 4, 8),
                  num_heads: int = -1, num_head_channels: int = -1, context_dim: int | None = None,
                  transformer_depth: int = 1, dropout: float = 0.0, use_checkpoint: bool = False,
-                 use_spatial_transformer: bool = True, image_size: int | None = None, legacy: bool = True):
+                 use_spatial_transformer: bool = True, image_size: int | None = None, legacy: bool = True,
+                 norm_num_groups: int = 32):
         super().__init__()
         if not use_spatial_transformer or context_dim is None:
             raise ValueError("UNetModel here implements the text-conditioned UNet: it needs "
@@ -104,10 +107,11 @@ class UNetModel(nn.Module):
         def attention(ch: int) -> SpatialTransformer:
             heads = num_heads if num_head_channels == -1 else ch // num_head_channels
             return SpatialTransformer(ch, heads, ch // heads, depth=transformer_depth, dropout=dropout,
-                                      context_dim=context_dim, use_checkpoint=use_checkpoint)
+                                      context_dim=context_dim, use_checkpoint=use_checkpoint, num_groups=norm_num_groups)
 
         def res_block(ch: int, out_ch: int) -> ResBlock:
-            return ResBlock(ch, time_embed_dim, dropout, out_channels=out_ch, use_checkpoint=use_checkpoint)
+            return ResBlock(ch, time_embed_dim, dropout, out_channels=out_ch, use_checkpoint=use_checkpoint,
+                            num_groups=norm_num_groups)
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
         skip_channels = [model_channels]
@@ -139,7 +143,7 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(),
+        self.out = nn.Sequential(normalization(ch, norm_num_groups), nn.SiLU(),
                                  zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:

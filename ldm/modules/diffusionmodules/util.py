@@ -58,9 +58,9 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).type(x.dtype)
 
 
-def normalization(channels: int) -> nn.Module:
-    """The UNet's normalisation layer: 32 groups, eps 1e-5."""
-    return GroupNorm32(32, channels)
+def normalization(channels: int, num_groups: int = 32) -> nn.Module:
+    """The UNet's normalisation layer: 32 groups (by default), eps 1e-5."""
+    return GroupNorm32(num_groups, channels)
 
 
 def zero_module(module: nn.Module) -> nn.Module:

@@ -252,6 +252,7 @@ class DPM_Solver:
         self.thresholding_max_val = thresholding_max_val
         self.dynamic_thresholding_ratio = dynamic_thresholding_ratio
         self.nfe = 0
+        self._marginals_at: dict[float, Marginals] = {}
         # Order → update, each as (x, s, t, M_s, ratios r1[, r2], solver_type) -> x_t.
         self._single_updates = {
             1: lambda x, s, t, model_s, ratios, solver_type: self.first_update(x, s, t, model_s),
@@ -272,9 +273,12 @@ class DPM_Solver:
     # Schedule values at float times, on the CPU in float64.
 
     def _marginals(self, t: float) -> Marginals:
-        log_alpha = self.noise_schedule.marginal_log_mean_coeff(torch.tensor([t], dtype=torch.float64)).item()
-        log_sigma = 0.5 * math.log(-math.expm1(2.0 * log_alpha))
-        return Marginals(log_alpha, log_sigma, log_alpha - log_sigma)
+        """Remembered per time: the grid's are computed once, before the step loop."""
+        if t not in self._marginals_at:
+            log_alpha = self.noise_schedule.marginal_log_mean_coeff(torch.tensor([t], dtype=torch.float64)).item()
+            log_sigma = 0.5 * math.log(-math.expm1(2.0 * log_alpha))
+            self._marginals_at[t] = Marginals(log_alpha, log_sigma, log_alpha - log_sigma)
+        return self._marginals_at[t]
 
     def _lambda(self, t: float) -> float:
         return self._marginals(t).lamb
@@ -414,6 +418,8 @@ class DPM_Solver:
             times = torch.linspace(t_T ** 0.5, t_0 ** 0.5, N + 1, dtype=torch.float64) ** 2
         times = times.tolist()
         times[0], times[-1] = t_T, t_0
+        for t in times:
+            self._marginals(t)
         return times
 
     def sample(self, x: torch.Tensor, steps: int = 20, t_start: float | None = None, t_end: float | None = None,

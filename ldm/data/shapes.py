@@ -1,0 +1,232 @@
+"""A procedural captioned dataset for the demo model: one coloured shape on a plain or gradient background.
+
+Every image is drawn from its integer index (deterministic, no downloads) and captioned in plain words:
+"a small blue triangle in the top left corner on a white background". Captions name the shape and its colour
+always; its size, position and the background only sometimes, so the model also learns short prompts.
+
+:func:`describe` is the matching analytic detector (dominant colour, shape from how it fills its bounding box,
+position from its centroid), used to measure prompt adherence of generated images.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from scipy import ndimage
+from scipy.spatial import ConvexHull
+from torch.utils.data import Dataset
+
+COLOURS = {
+    "red": (220, 30, 30), "green": (30, 160, 60), "blue": (40, 70, 225), "yellow": (245, 215, 35),
+    "purple": (135, 45, 175), "orange": (250, 135, 20), "white": (245, 245, 245), "black": (20, 20, 20),
+}
+BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "grey": (128, 128, 128), "light blue": (175, 205, 235),
+               "beige": (230, 215, 180)}
+SHAPES = ("circle", "square", "triangle", "star")
+SIZES = {"small": (0.28, 0.38), "large": (0.5, 0.62)}  # shape width as a fraction of the image; large ones
+# sit in the center (they do not fit in a corner)
+POSITIONS = {"in the top left corner": (0.25, 0.25), "in the top right corner": (0.75, 0.25),
+             "in the bottom left corner": (0.25, 0.75), "in the bottom right corner": (0.75, 0.75),
+             "in the center": (0.5, 0.5)}
+# (colour, shape) pairs never shown in training, to test that the model composes what it learned.
+HELD_OUT = {("purple", "star"), ("orange", "triangle"), ("green", "circle"), ("yellow", "square")}
+SUPERSAMPLE = 4  # draw at 4× and downsample, for anti-aliased edges
+MARGIN = 0.05  # fraction of the image kept free around every shape
+FOREGROUND_DISTANCE = 50.0  # RGB distance from the background above which a pixel belongs to the shape
+
+
+@dataclass(frozen=True)
+class Scene:
+    colour: str
+    shape: str
+    size: str
+    position: str
+    background: str
+    gradient: bool
+    jitter: tuple[float, float]
+    width: float
+
+
+def caption(scene: Scene, with_size: bool = True, with_position: bool = True, with_background: bool = True) -> str:
+    words = ["a"] + ([scene.size] if with_size else []) + [scene.colour, scene.shape]
+    if with_position:
+        words.append(scene.position)
+    if with_background:
+        words.append(f"on a {scene.background} background")
+    return " ".join(words)
+
+
+def random_scene(rng: np.random.Generator, held_out: bool = False) -> Scene:
+    """A scene whose (colour, shape) is in HELD_OUT if ``held_out``, else not; shape and background differ."""
+    while True:
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        if ((colour, shape) in HELD_OUT) == held_out:
+            break
+    background = rng.choice([b for b in BACKGROUNDS if b != colour])
+    size = rng.choice(list(SIZES))
+    low, high = SIZES[size]
+    position = rng.choice(list(POSITIONS)) if size == "small" else "in the center"  # large shapes fill corners
+    return Scene(colour, shape, size, position, background, bool(rng.random() < 0.3),
+                 tuple(rng.uniform(-0.05, 0.05, size=2)), float(rng.uniform(low, high)))
+
+
+def _polygon(shape: str, cx: float, cy: float, half: float) -> list[tuple[float, float]]:
+    if shape == "square":
+        return [(cx - half, cy - half), (cx + half, cy - half), (cx + half, cy + half), (cx - half, cy + half)]
+    if shape == "triangle":
+        return [(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)]
+    points = []
+    for k in range(10):  # a five-pointed star, point up
+        radius = half if k % 2 == 0 else 0.45 * half
+        angle = -math.pi / 2 + k * math.pi / 5
+        points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+    return points
+
+
+def render(scene: Scene, size: int = 64) -> Image.Image:
+    big = size * SUPERSAMPLE
+    background = np.array(BACKGROUNDS[scene.background], dtype=np.float32)
+    if scene.gradient:  # a soft vertical gradient of the background colour
+        shade = np.linspace(1.08, 0.85, big, dtype=np.float32)[:, None, None]
+        canvas = np.clip(background[None, None] * shade, 0, 255) * np.ones((big, big, 1), dtype=np.float32)
+    else:
+        canvas = np.broadcast_to(background, (big, big, 3))
+    image = Image.fromarray(canvas.astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    px, py = POSITIONS[scene.position]
+    half = scene.width * big / 2
+    cx = np.clip(px + scene.jitter[0], 0, 1) * big
+    cy = np.clip(py + scene.jitter[1], 0, 1) * big
+    margin = MARGIN * big  # shapes never touch the border, which shows the background alone
+    cx, cy = np.clip(cx, half + margin, big - half - margin), np.clip(cy, half + margin, big - half - margin)
+    if scene.shape == "circle":
+        draw.ellipse((cx - half, cy - half, cx + half, cy + half), fill=COLOURS[scene.colour])
+    else:
+        draw.polygon(_polygon(scene.shape, cx, cy, half), fill=COLOURS[scene.colour])
+    return image.resize((size, size), Image.LANCZOS)
+
+
+class ShapesDataset(Dataset):
+    """``length`` images drawn from indices ``offset …``; item = {"image": (H, W, 3) in [−1, 1], "caption": str}.
+
+    ``held_out`` selects the held-out (colour, shape) pairs instead of the training ones.
+    """
+
+    def __init__(self, length: int = 50_000, size: int = 64, seed: int = 0, held_out: bool = False):
+        self.length, self.size, self.seed, self.held_out = length, size, seed, held_out
+
+    def __len__(self) -> int:
+        return self.length
+
+    def scene(self, index: int) -> tuple[Scene, str]:
+        rng = np.random.default_rng([self.seed, index, int(self.held_out)])
+        scene = random_scene(rng, self.held_out)
+        with_size, with_position, with_background = rng.random(3) < (0.6, 0.6, 0.5)
+        return scene, caption(scene, with_size, with_position, with_background)
+
+    def __getitem__(self, index: int) -> dict:
+        scene, text = self.scene(index)
+        array = np.asarray(render(scene, self.size), dtype=np.float32) / 127.5 - 1.0
+        return {"image": torch.from_numpy(array), "caption": text}
+
+
+@dataclass(frozen=True)
+class Description:
+    colour: str | None
+    shape: str | None
+    position: str | None
+
+
+def _background(pixels: np.ndarray) -> np.ndarray:
+    """A plane per channel fitted to the border pixels, refitted without the ones it fits badly (a shape
+    touching the border), evaluated everywhere."""
+    height, width, _ = pixels.shape
+    ys, xs = np.mgrid[0:height, 0:width]
+    design = np.stack([np.ones_like(xs), xs, ys], axis=-1).astype(np.float32)
+    border = np.zeros((height, width), dtype=bool)
+    border[:2], border[-2:], border[:, :2], border[:, -2:] = True, True, True, True
+    for _ in range(2):
+        coefficients, *_ = np.linalg.lstsq(design[border], pixels[border], rcond=None)
+        residual = np.linalg.norm(pixels - design @ coefficients, axis=-1)
+        border &= residual <= max(np.median(residual[border]) * 3, 12.0)
+    return design @ coefficients
+
+
+def describe(image: np.ndarray) -> Description:
+    """What an (H, W, 3) uint8 image shows, by plain measurement.
+
+    Background: a plane per channel fitted to the border. Foreground: pixels far from it. Colour: the palette
+    colour nearest to the foreground's median. Shape: a star fills little of its convex hull (solidity ≈ 0.6,
+    the others > 0.8); the convex shapes differ in how they fill their bounding box (square ≈ 1, circle ≈ π/4,
+    triangle ≈ 1/2).
+    Position: the centroid's corner, or the center when it lies in the middle third.
+    """
+    pixels = image.astype(np.float32)
+    height, width, _ = pixels.shape
+    background = _background(pixels)
+    candidate = np.linalg.norm(pixels - background, axis=-1) > FOREGROUND_DISTANCE
+    if candidate.sum() < 0.01 * height * width:
+        return Description(None, None, None)
+    median = np.median(pixels[candidate], axis=0)
+    colour = min(COLOURS, key=lambda name: np.linalg.norm(median - np.array(COLOURS[name])))
+    # A pixel belongs to the shape when it is nearer the shape's colour than the background's (robust to soft
+    # edges); holes are filled and only the largest connected piece is kept.
+    nearer = np.linalg.norm(pixels - median, axis=-1) < np.linalg.norm(pixels - background, axis=-1)
+    labels, count = ndimage.label(ndimage.binary_fill_holes(nearer))
+    if count == 0:
+        return Description(colour, None, None)
+    sizes = ndimage.sum(np.ones_like(labels), labels, index=range(1, count + 1))
+    foreground = labels == 1 + int(np.argmax(sizes))
+    rows, cols = np.nonzero(foreground)
+    area = float(foreground.sum())
+    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    corners = np.concatenate([np.stack([rows + dy, cols + dx], axis=1) for dy in (0, 1) for dx in (0, 1)])
+    solidity = area / max(ConvexHull(corners).volume, 1.0)
+    fill = area / box
+    if solidity < 0.74:
+        shape = "star"
+    else:
+        shape = "square" if fill > 0.86 else "circle" if fill > 0.64 else "triangle"
+    cy, cx = rows.mean() / height, cols.mean() / width
+    if abs(cx - 0.5) < 1 / 6 and abs(cy - 0.5) < 1 / 6:
+        position = "in the center"
+    else:
+        position = f"in the {'top' if cy < 0.5 else 'bottom'} {'left' if cx < 0.5 else 'right'} corner"
+    return Description(colour, shape, position)
+
+
+def held_out_scenes(count: int, seed: int = 1234) -> list[tuple[Scene, str]]:
+    """``count`` scenes of the held-out (colour, shape) pairs with their full captions."""
+    dataset = ShapesDataset(count, seed=seed, held_out=True)
+    return [(scene, caption(scene)) for scene in (dataset.scene(i)[0] for i in range(count))]
+
+
+@torch.no_grad()
+def adherence(model, sampler, scenes: list[tuple[Scene, str]], steps: int = 25, scale: float = 7.5,
+              batch_size: int = 32, seed: int = 0) -> dict[str, float]:
+    """The share of generated images whose detected colour, shape and position match their caption's."""
+    generator = torch.Generator(model.device).manual_seed(seed)
+    hits = {"colour": 0, "shape": 0, "position": 0}
+    shape = (model.channels, model.image_size, model.image_size)
+    for start in range(0, len(scenes), batch_size):
+        chunk = scenes[start:start + batch_size]
+        cond = model.get_learned_conditioning([text for _, text in chunk])
+        uncond = model.get_learned_conditioning([""] * len(chunk))
+        latents, _ = sampler.sample(steps, len(chunk), shape, conditioning=cond, unconditional_conditioning=uncond,
+                                    unconditional_guidance_scale=scale, verbose=False, generator=generator)
+        images = model.decode_first_stage(latents).float().clamp(-1, 1)
+        pixels = ((images + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        for (scene, _), image in zip(chunk, pixels):
+            found = describe(image)
+            for attribute in hits:
+                hits[attribute] += getattr(found, attribute) == getattr(scene, attribute)
+    return {attribute: count / len(scenes) for attribute, count in hits.items()}
+
+
+def held_out_adherence(model, count: int = 64, steps: int = 20, scale: float = 7.5) -> dict[str, float]:
+    """Prompt adherence on ``count`` held-out captions with the seed's DPM-Solver configuration."""
+    from ldm.models.diffusion.dpm_solver import DPMSolverSampler
+
+    return adherence(model, DPMSolverSampler(model), held_out_scenes(count), steps=steps, scale=scale)

@@ -1,0 +1,174 @@
+"""Training the models with PyTorch Lightning: losses, optimisers and hooks, kept out of the models.
+
+``AutoencoderTraining`` fits an AutoencoderKL with an L1 reconstruction loss and a small KL term (the original
+adds LPIPS and a patch GAN; both need downloaded networks). ``DiffusionTraining`` fits a LatentDiffusion model
+with the simple loss of Ho et al.: ‖target − network(x_t, t, c)‖² with x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε and the
+target ε, x_0 or v by ``parameterization``; the text encoder trains too when ``cond_stage_trainable``.
+"""
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from ldm.models.loading import read_checkpoint
+from ldm.util import instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+
+def images_from_batch(batch: dict, key: str) -> torch.Tensor:
+    """Datasets give (B, H, W, C) in [−1, 1], as the original's; the models take (B, C, H, W)."""
+    return batch[key].permute(0, 3, 1, 2).contiguous().float()
+
+
+class AutoencoderTraining(pl.LightningModule):
+    def __init__(self, model, learning_rate: float = 1e-3, kl_weight: float = 1e-6):
+        super().__init__()
+        self.model = model
+        self.learning_rate = learning_rate
+        self.kl_weight = kl_weight
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        images = images_from_batch(batch, self.model.image_key)
+        reconstruction, posterior = self.model(images)
+        rec_loss = (reconstruction - images).abs().mean()
+        kl_loss = posterior.kl().mean() / images[0].numel()
+        loss = rec_loss + self.kl_weight * kl_loss
+        self.log_dict({"train/rec_loss": rec_loss, "train/kl_loss": kl_loss, "train/loss": loss}, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.model.parameters(), lr=self.learning_rate, betas=(0.5, 0.9))
+
+
+class DiffusionTraining(pl.LightningModule):
+    """``first_stage_ckpt``: weights of the trained autoencoder (``first_stage_model.*`` or bare keys).
+    ``caption_dropout``: the share of captions replaced by "" so the model also learns the unconditional
+    prediction that classifier-free guidance needs (SD v1 dropped 10%). ``snr_gamma``: Min-SNR-γ loss weights
+    (Hang et al. 2023), which stop the nearly clean timesteps from dominating training (None: SD's uniform).
+
+    Batches hold either images (``first_stage_key``) or pre-encoded posteriors ``latent_mean``/``latent_std``
+    (see :class:`ldm.data.latents.PreEncoded`); captions are under ``cond_stage_key``.
+    """
+
+    def __init__(self, model, learning_rate: float = 1e-4, first_stage_ckpt: str | None = None,
+                 weight_decay: float = 0.0, caption_dropout: float = 0.1, snr_gamma: float | None = None):
+        super().__init__()
+        self.model = model
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.caption_dropout = caption_dropout
+        self.snr_gamma = snr_gamma
+        if first_stage_ckpt is not None:
+            state_dict = read_checkpoint(first_stage_ckpt).state_dict
+            prefix = "first_stage_model."
+            if any(key.startswith(prefix) for key in state_dict):
+                state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            model.first_stage_model.load_state_dict(state_dict, strict=True)
+            logger.info("first stage loaded from %s", first_stage_ckpt)
+
+    def latents(self, batch: dict) -> torch.Tensor:
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"], batch["latent_std"]
+            return self.model.scale_factor * (mean + std * torch.randn_like(mean))
+        images = images_from_batch(batch, self.model.first_stage_key)
+        return self.model.get_first_stage_encoding(self.model.encode_first_stage(images))
+
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-γ: the x_0 loss weighted by min(SNR_t, γ), written for the network's target: ÷ SNR_t for ε,
+        ÷ (SNR_t + 1) for v (SNR_t = ᾱ_t / (1 − ᾱ_t)). All ones without ``snr_gamma``."""
+        if self.snr_gamma is None:
+            return torch.ones(t.shape, device=t.device)
+        alphas_cumprod = self.model.alphas_cumprod[t].float()
+        snr = alphas_cumprod / (1 - alphas_cumprod)
+        clipped = snr.clamp(max=self.snr_gamma)
+        return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[self.model.parameterization]
+
+    def loss(self, z: torch.Tensor, cond: Any) -> torch.Tensor:
+        t = torch.randint(0, self.model.num_timesteps, (z.shape[0],), device=z.device)
+        noise = torch.randn_like(z)
+        prediction = self.model.apply_model(self.model.q_sample(z, t, noise), t, cond)
+        target = {"eps": noise, "x0": z, "v": self.model.get_v(z, noise, t)}[self.model.parameterization]
+        error = (prediction - target).abs() if self.model.loss_type == "l1" else (prediction - target).pow(2)
+        per_sample = error.mean(dim=tuple(range(1, error.dim())))
+        return self.model.l_simple_weight * (self.loss_weights(t) * per_sample).mean()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        captions = [caption if torch.rand(()) >= self.caption_dropout else ""
+                    for caption in batch[self.model.cond_stage_key]]
+        cond = self.model.get_learned_conditioning(captions)
+        loss = self.loss(self.latents(batch), cond)
+        self.log("train/loss_simple", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.model.use_ema:
+            self.model.model_ema(self.model.model)
+
+    def configure_optimizers(self) -> Any:
+        parameters = list(self.model.model.parameters())
+        if self.model.cond_stage_trainable:
+            parameters += list(self.model.cond_stage_model.parameters())
+        optimizer = torch.optim.AdamW(parameters, lr=self.learning_rate, weight_decay=self.weight_decay)
+        if self.model.scheduler_config is None:
+            return optimizer
+        schedule = instantiate_from_config(self.model.scheduler_config)
+        return [optimizer], [{"scheduler": LambdaLR(optimizer, lr_lambda=schedule), "interval": "step"}]
+
+
+class PeriodicEvaluation(pl.Callback):
+    """Every ``every_minutes`` of training, call ``evaluate(model)`` with the EMA weights in eval mode and log
+    the numbers it returns (e.g. the demo model's prompt adherence)."""
+
+    def __init__(self, evaluate, every_minutes: float = 5.0):
+        self.evaluate = evaluate
+        self.every_seconds = every_minutes * 60
+        self.last = time.monotonic()
+        self.history: list[dict] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *args: Any) -> None:
+        if time.monotonic() - self.last >= self.every_seconds:
+            self.run(trainer, module)
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.run(trainer, module)
+
+    def run(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        model = module.model
+        model.eval()
+        with torch.no_grad(), model.ema_scope():
+            scores = self.evaluate(model)
+        model.train()
+        self.last = time.monotonic()
+        self.history.append({"step": trainer.global_step, **scores})
+        logger.info("step %d: %s", trainer.global_step, ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        if trainer.logger is not None:  # module.log is not allowed in every hook; the logger is
+            trainer.logger.log_metrics({f"eval/{k}": v for k, v in scores.items()}, step=trainer.global_step)
+
+
+def export_weights(model: torch.nn.Module, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Save the model's state dict as safetensors, with the EMA weights in place when the model keeps them.
+
+    ``dtype`` casts the submodules' floating tensors (e.g. float16 to halve the file); the model's own schedule
+    buffers and ``scale_factor`` stay float32. The EMA shadows themselves are not written.
+    """
+    from safetensors.torch import save_file
+
+    if getattr(model, "use_ema", False):
+        model.model_ema.copy_to(model.model)
+    state_dict = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("model_ema."):
+            continue
+        if dtype is not None and tensor.is_floating_point() and "." in name:
+            tensor = tensor.to(dtype)
+        state_dict[name] = tensor.contiguous()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state_dict, path)
+    return path

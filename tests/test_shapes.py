@@ -1,0 +1,36 @@
+"""The demo dataset and its detector: deterministic captioned images, and a detector that reads them right."""
+
+import numpy as np
+
+from ldm.data.shapes import COLOURS, HELD_OUT, SHAPES, ShapesDataset, describe, held_out_scenes, render
+
+
+def test_items_are_deterministic_images_with_captions():
+    dataset = ShapesDataset(length=10, size=64, seed=5)
+    first, again = dataset[3], ShapesDataset(length=10, size=64, seed=5)[3]
+    assert first["image"].shape == (64, 64, 3) and -1 <= first["image"].min() and first["image"].max() <= 1
+    assert np.array_equal(first["image"].numpy(), again["image"].numpy()) and first["caption"] == again["caption"]
+    scene, text = dataset.scene(3)
+    assert text.startswith("a ") and scene.colour in text and scene.shape in text
+
+
+def test_held_out_pairs_never_appear_in_training_data():
+    dataset = ShapesDataset(length=3000, seed=0)
+    pairs = {(scene.colour, scene.shape) for scene, _ in map(dataset.scene, range(len(dataset)))}
+    assert pairs == {(c, s) for c in COLOURS for s in SHAPES} - HELD_OUT
+    assert {(scene.colour, scene.shape) for scene, _ in held_out_scenes(200)} == HELD_OUT
+
+
+def test_the_detector_reads_ground_truth_images():
+    dataset = ShapesDataset(length=400, seed=7)
+    correct = {"colour": 0, "shape": 0, "position": 0}
+    for index in range(len(dataset)):
+        scene, _ = dataset.scene(index)
+        found = describe(np.asarray(render(scene)))
+        for attribute in correct:
+            correct[attribute] += getattr(found, attribute) == getattr(scene, attribute)
+    assert all(count >= 0.99 * len(dataset) for count in correct.values()), correct
+
+
+def test_the_detector_sees_nothing_in_a_blank_image():
+    assert describe(np.full((64, 64, 3), 200, dtype=np.uint8)).colour is None
