@@ -68,7 +68,7 @@ def analytic_errors(scale: float, seed: int, batch: int = 4) -> dict[str, dict[i
 def demo_results(config: Path, ckpt: Path, scale: float, seed: int, count: int
                  ) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, dict[str, float]]], dict[str, float]]:
     """Distance to the converged reference and adherence, per sampler and step count; the reference's adherence."""
-    from ldm.data.shapes import describe, held_out_scenes
+    from ldm.data.shapes import held_out_scenes, score
     from ldm.generation import decode_images
     from ldm.models.loading import load_model
 
@@ -86,12 +86,6 @@ def demo_results(config: Path, ckpt: Path, scale: float, seed: int, count: int
                                                       **options)
         return decode_images(model, latents)
 
-    def adherence(images: torch.Tensor) -> dict[str, float]:
-        pixels = (images * 255).round().byte().permute(0, 2, 3, 1).numpy()
-        found = [describe(image) for image in pixels]
-        return {attribute: sum(getattr(f, attribute) == getattr(scene, attribute) for f, (scene, _) in
-                               zip(found, scenes)) / count for attribute in ("colour", "shape", "position")}
-
     reference = run("ddim", 1000, {})
     distances: dict[str, dict[int, float]] = {}
     scores: dict[str, dict[int, dict[str, float]]] = {}
@@ -100,8 +94,8 @@ def demo_results(config: Path, ckpt: Path, scale: float, seed: int, count: int
         for steps in STEPS:
             images = run(name, steps, options)
             distances[label][steps] = (images - reference).pow(2).mean().sqrt().item()
-            scores[label][steps] = adherence(images)
-    return distances, scores, adherence(reference)
+            scores[label][steps] = score(images, scenes)
+    return distances, scores, score(reference, scenes)
 
 
 def table(values: dict[str, dict[int, float]], cell=lambda v: f"{v:.2e}") -> str:

@@ -208,21 +208,24 @@ def adherence(model, sampler, scenes: list[tuple[Scene, str]], steps: int = 25, 
               batch_size: int = 32, seed: int = 0) -> dict[str, float]:
     """The share of generated images whose detected colour, shape and position match their caption's."""
     generator = torch.Generator(model.device).manual_seed(seed)
-    hits = {"colour": 0, "shape": 0, "position": 0}
     shape = (model.channels, model.image_size, model.image_size)
+    batches = []
     for start in range(0, len(scenes), batch_size):
         chunk = scenes[start:start + batch_size]
         cond = model.get_learned_conditioning([text for _, text in chunk])
         uncond = model.get_learned_conditioning([""] * len(chunk))
         latents, _ = sampler.sample(steps, len(chunk), shape, conditioning=cond, unconditional_conditioning=uncond,
                                     unconditional_guidance_scale=scale, verbose=False, generator=generator)
-        images = model.decode_first_stage(latents).float().clamp(-1, 1)
-        pixels = ((images + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        for (scene, _), image in zip(chunk, pixels):
-            found = describe(image)
-            for attribute in hits:
-                hits[attribute] += getattr(found, attribute) == getattr(scene, attribute)
-    return {attribute: count / len(scenes) for attribute, count in hits.items()}
+        batches.append((model.decode_first_stage(latents).float().clamp(-1, 1) + 1) / 2)
+    return score(torch.cat(batches), scenes)
+
+
+def score(images: torch.Tensor, scenes: list[tuple[Scene, str]]) -> dict[str, float]:
+    """The share of images (B, 3, H, W) in [0, 1] whose detected colour, shape and position match their scene's."""
+    pixels = (images * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    found = [describe(image) for image in pixels]
+    return {attribute: sum(getattr(f, attribute) == getattr(scene, attribute) for f, (scene, _) in
+                           zip(found, scenes)) / len(scenes) for attribute in ("colour", "shape", "position")}
 
 
 def held_out_adherence(model, count: int = 64, steps: int = 20, scale: float = 7.5) -> dict[str, float]:
