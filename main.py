@@ -65,14 +65,14 @@ def callbacks(config) -> list[pl.Callback]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
+    seed_everything(args.seed)
     try:
         config = OmegaConf.merge(*(load_config(path) for path in args.base), OmegaConf.from_dotlist(args.overrides))
+        model = build_model(config)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     name = args.name or Path(args.base[-1]).stem
-    seed_everything(args.seed)
-    model = build_model(config)
     module = get_obj_from_str(config.training.target)(model, **config.training.get("params", {}))
     if not args.train:
         logger.info("built %s; pass -t to train", type(model).__name__)
