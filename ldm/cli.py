@@ -11,7 +11,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from ldm.generation import DEVICES, PRECISIONS
+from ldm.models.acceleration import Acceleration
 from ldm.output import check_writable
 from ldm.util import InputError
 
@@ -65,8 +68,10 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=str, default=DEFAULT_CONFIG, help="path to config which constructs model")
     parser.add_argument("--ckpt", type=str, default=DEFAULT_CKPT, help="path to checkpoint of model")
     parser.add_argument("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
-    parser.add_argument("--precision", type=str, help="evaluate at this precision", choices=PRECISIONS,
-                        default="autocast")
+    parser.add_argument("--precision", type=str, choices=PRECISIONS, default="auto",
+                        help="evaluate at this precision: auto (fp16 on GPUs, full on the CPU), full (float32), "
+                             "autocast (float32 weights, float16 autocast on GPUs: the original's default), fp16 or "
+                             "bf16 weights")
 
 
 def add_extra_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +84,21 @@ def add_extra_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local diffusers-format copy of CompVis/stable-diffusion-safety-checker "
                              "(default: the Hugging Face cache's copy, if any)")
     parser.add_argument("--no_safety_checker", action="store_true", help="run without the safety checker")
+    speed = parser.add_argument_group("speed and memory (results change by rounding only)")
+    speed.add_argument("--cuda_graph", action=argparse.BooleanOptionalAction, default=None,
+                       help="replay the UNet from CUDA graphs (default: on with CUDA)")
+    speed.add_argument("--compile", action="store_true",
+                       help="torch.compile the UNet (a wait on the first run; later runs reuse the compile cache)")
+    speed.add_argument("--attention_slicing", type=int, default=0, metavar="TOKENS",
+                       help="attend over at most this many query tokens at a time (0: off); for small cards")
+    speed.add_argument("--vae_slicing", action="store_true", help="decode one image at a time; for small cards")
+
+
+def acceleration_from_args(args: argparse.Namespace, device: torch.device) -> Acceleration:
+    """The speed flags, with --cuda_graph on by default where there is CUDA."""
+    cuda_graph = device.type == "cuda" if args.cuda_graph is None else args.cuda_graph
+    return Acceleration(compile=args.compile, cuda_graph=cuda_graph, attention_slicing=args.attention_slicing,
+                        vae_slicing=args.vae_slicing)
 
 
 def sampler_name(args: argparse.Namespace) -> str:

@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
+from ldm.models.acceleration import Acceleration, accelerate
 from ldm.models.diffusion.samplers import make_sampler
 from ldm.models.loading import load_model
 from ldm.safety import MISSING_CHECKER, SafetyChecker, cached_checker_dir
@@ -19,8 +20,9 @@ from ldm.util import InputError
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("full", "autocast")
+PRECISIONS = ("auto", "full", "autocast", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+WEIGHT_DTYPES = {"full": torch.float32, "autocast": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,11 +41,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def precision_scope(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """``autocast``: float16 autocast on GPUs, as the original; on the CPU it runs in float32 (exact, and
-    CPU float16 autocast is slow). ``full``: float32 everywhere."""
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: float16 weights on GPUs (fastest; equal to float32 up to float16 rounding), float32 on the CPU.
+
+    The others: ``full`` float32; ``autocast`` float32 weights under float16 autocast, as the original runs;
+    ``fp16`` / ``bf16`` weights and activations in that type (the sampler's latents stay float32).
+    """
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "fp16" if device.type in ("cuda", "mps") else "full"
+    return precision
+
+
+def precision_scope(precision: str, device: torch.device, cuda_graph: bool = False
+                    ) -> contextlib.AbstractContextManager:
+    """``autocast``: float16 autocast on GPUs, as the original (its weight cache off when CUDA graphs are
+    captured); on the CPU it runs in float32 (exact, and CPU float16 autocast is slow). Others: no autocast."""
     if precision == "autocast" and device.type in ("cuda", "mps"):
-        return torch.autocast(device.type, dtype=torch.float16)
+        return torch.autocast(device.type, dtype=torch.float16, cache_enabled=not cuda_graph)
     return contextlib.nullcontext()
 
 
@@ -77,16 +93,37 @@ class Geometry:
 
 
 def encode_images(model, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Images (B, 3, H, W) in [−1, 1] → scaled latents: a posterior sample (drawn on the CPU unless
+    """Images (B, 3, H, W) in [−1, 1] → scaled float32 latents: a posterior sample (drawn on the CPU unless
     ``generator`` lives elsewhere, as the original)."""
     posterior = model.encode_first_stage(images.to(model.device))
-    return model.get_first_stage_encoding(posterior, generator)
+    return model.get_first_stage_encoding(posterior, generator).float()
 
 
-def decode_images(model, latents: torch.Tensor) -> torch.Tensor:
-    """Latents → images (B, 3, H, W) in [0, 1], float32 on the CPU."""
-    images = model.decode_first_stage(latents)
+def decode_images(model, latents: torch.Tensor, one_at_a_time: bool = False) -> torch.Tensor:
+    """Latents → images (B, 3, H, W) in [0, 1], float32 on the CPU (``one_at_a_time``: less memory).
+
+    A half-precision decode that overflows (the SD v1 VAE's activations can pass float16's 65 504 on some
+    latents) is redone in float32 with autocast off, with a warning.
+    """
+    pieces = latents.split(1) if one_at_a_time else [latents]
+    images = torch.cat([_decode_finite(model, piece) for piece in pieces])
     return torch.clamp((images.float() + 1.0) / 2.0, min=0.0, max=1.0).cpu()
+
+
+def _decode_finite(model, latents: torch.Tensor) -> torch.Tensor:
+    images = model.decode_first_stage(latents)
+    half = model.first_stage_dtype != torch.float32 or torch.is_autocast_enabled(latents.device.type)
+    if not half or torch.isfinite(images).all():
+        return images
+    logger.warning("the half-precision VAE decode overflowed; decoding again in float32")
+    vae = model.first_stage_model
+    dtype = model.first_stage_dtype
+    try:
+        with torch.autocast(latents.device.type, enabled=False):
+            vae.float()
+            return model.decode_first_stage(latents.float())
+    finally:
+        vae.to(dtype)
 
 
 def load_image(path: str | Path, multiple: int) -> torch.Tensor:
@@ -130,25 +167,31 @@ class Pipeline:
     """A loaded model, its sampler and the per-batch steps around sampling."""
 
     def __init__(self, model, sampler_name: str, device: torch.device, precision: str,
-                 safety_checker: SafetyChecker | None = None):
-        if precision not in PRECISIONS:
-            raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+                 safety_checker: SafetyChecker | None = None, acceleration: Acceleration = Acceleration()):
         self.model = model
         self.sampler = make_sampler(sampler_name, model)
         self.sampler_name = sampler_name
         self.device = device
-        self.precision = precision
+        self.precision = resolve_precision(precision, device)
         self.safety_checker = safety_checker
+        self.acceleration = acceleration
 
     @classmethod
     def load(cls, config: DictConfig, ckpt: str | Path, device: torch.device, precision: str, sampler_name: str,
-             safety_checker: SafetyChecker | None = None) -> "Pipeline":
-        return cls(load_model(config, ckpt, device=device), sampler_name, device, precision, safety_checker)
+             safety_checker: SafetyChecker | None = None, acceleration: Acceleration = Acceleration()
+             ) -> "Pipeline":
+        """Load the checkpoint straight into the precision's weight dtype, then apply ``acceleration``."""
+        acceleration.check(device)
+        dtype = WEIGHT_DTYPES[resolve_precision(precision, device)]
+        model = load_model(config, ckpt, device=device, dtype=dtype)
+        accelerate(model, acceleration)
+        return cls(model, sampler_name, device, precision, safety_checker, acceleration)
 
     @contextlib.contextmanager
     def scope(self) -> Iterator[None]:
         """No gradients, the chosen precision, and the EMA weights where the config uses them."""
-        with torch.no_grad(), precision_scope(self.precision, self.device), self.model.ema_scope():
+        with (torch.no_grad(), precision_scope(self.precision, self.device, self.acceleration.cuda_graph),
+              self.model.ema_scope()):
             yield
 
     def conditioning(self, prompts: list[str], negative_prompt: str, scale: float
@@ -161,7 +204,7 @@ class Pipeline:
         return encode_images(self.model, images, generator)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return decode_images(self.model, latents)
+        return decode_images(self.model, latents, self.acceleration.vae_slicing)
 
     def to_images(self, latents: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Latents → checked images in [0, 1] (flagged ones replaced) and how many were flagged."""

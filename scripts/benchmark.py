@@ -3,8 +3,9 @@
 Builds our LatentDiffusion from a config with random weights, and diffusers' UNet2DConditionModel and
 AutoencoderKL and transformers' CLIPTextModel with the same weights (ldm.models.diffusers_interop). First
 checks that the two give the same text features, UNet ε and VAE decode, and refuses to time if they do not.
-Then times, for each variant (eager; with ``--compile`` both UNets torch.compile'd, and on CUDA also compiled
-with CUDA graphs, mode "reduce-overhead"):
+Then times, for each variant (eager; on CUDA our UNet replayed from CUDA graphs against diffusers' eager, both
+without a compile wait; with ``--compile`` both UNets torch.compile'd, and on CUDA also compiled with CUDA
+graphs, mode "reduce-overhead"), ours set up by ldm.models.acceleration as the scripts do:
 
 * one UNet step at each of ``--batches``, each side called as its own sampling loop calls it;
 * a whole image per ``--image_batches``: text encoder, ``--steps`` DPM-Solver++(2M) steps with classifier-free
@@ -12,7 +13,7 @@ with CUDA graphs, mode "reduce-overhead"):
   and an explicit loop);
 * on CUDA, the peak allocated memory of each (both sides' weights stay on the device: they count alike).
 
-UNet throughput is FLOPs (torch.utils.flop_counter) over time, and a share of ``--peak_tflops`` when given.
+UNet throughput is the network's FLOPs (torch.utils.flop_counter on diffusers' UNet) over time, and a share of ``--peak_tflops`` when given.
 GPU times come from CUDA events after warm-up, CPU times from perf_counter; each is the median of ``--repeats``.
 A variant that fails (compile error, out of memory) is reported and skipped; measurements that would start
 after ``--budget_s`` seconds are skipped. Prints a Markdown table, then one line ``JSON: {...}``.
@@ -42,6 +43,7 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from ldm.generation import decode_images
+from ldm.models.acceleration import Acceleration, accelerate
 from ldm.models.diffusers_interop import diffusers_unet, diffusers_vae, transformers_text_encoder
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.loading import build_model, load_config
@@ -80,8 +82,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default float16 on CUDA, float32 on the CPU")
     parser.add_argument("--batches", type=int, nargs="+", help="UNet step batch sizes; default 2 8 16 on CUDA, "
                         "2 on the CPU")
-    parser.add_argument("--image_batches", type=int, nargs="+", help="images per sampling run; default 1 8 on "
-                        "CUDA, 1 on the CPU")
+    parser.add_argument("--image_batches", type=int, nargs="*", help="images per sampling run; default 1 8 on "
+                        "CUDA, 1 on the CPU; none given: no whole images")
     parser.add_argument("--latent_size", type=int, help="latent side (default: the config's, 64 = 512 px for v1)")
     parser.add_argument("--steps", type=int, default=25, help="DPM-Solver++(2M) steps per image")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (the median is reported)")
@@ -100,7 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.size = args.size or ("full" if cuda else "tiny")
     args.dtype = DTYPES[args.dtype or ("float16" if cuda else "float32")]
     args.batches = args.batches or ([2, 8, 16] if cuda else [2])
-    args.image_batches = args.image_batches or ([1, 8] if cuda else [1])
+    if args.image_batches is None:
+        args.image_batches = [1, 8] if cuda else [1]
     return args
 
 
@@ -156,7 +159,7 @@ def our_image(model: torch.nn.Module, sampler: DPMSolverSampler, batch: int, ste
     latents, _ = sampler.sample(S=steps, batch_size=batch, shape=latent_shape(model),
                                 conditioning=c, unconditional_conditioning=uc,
                                 unconditional_guidance_scale=GUIDANCE_SCALE, verbose=False)
-    return decode_images(model, latents.to(c.dtype))
+    return decode_images(model, latents)
 
 
 def their_image(theirs: SimpleNamespace, shape: tuple[int, int, int], batch: int, steps: int) -> torch.Tensor:
@@ -229,31 +232,40 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def variants(args: argparse.Namespace) -> Iterator[tuple[str, str | None, str | None]]:
-    """(label, torch.compile mode or None for eager, reason to skip or None)."""
-    yield "eager", None, None
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    ours: Acceleration
+    their_compile_mode: str | None  # None: diffusers' UNet eager
+    skip_reason: str | None = None
+
+
+def variants(args: argparse.Namespace) -> Iterator[Variant]:
+    cuda_reason = None if args.device.type == "cuda" else "CUDA graphs need a CUDA device"
+    yield Variant("eager", Acceleration(), None)
+    yield Variant("ours CUDA graph, diffusers eager", Acceleration(cuda_graph=True), None, cuda_reason)
     if not args.compile:
         return
     compiles = torch._dynamo.is_dynamo_supported()
     reason = None if compiles else f"torch.compile does not support Python {platform.python_version()}"
-    yield "UNet torch.compile", "default", reason
-    cuda_reason = reason or (None if args.device.type == "cuda" else "CUDA graphs need a CUDA device")
-    yield "UNet torch.compile + CUDA graphs (reduce-overhead)", "reduce-overhead", cuda_reason
+    yield Variant("UNet torch.compile", Acceleration(compile=True), "default", reason)
+    yield Variant("UNet torch.compile + CUDA graphs (reduce-overhead)", Acceleration(compile=True, cuda_graph=True),
+                  "reduce-overhead", reason or cuda_reason)
 
 
 @contextlib.contextmanager
-def compiled_unets(model: torch.nn.Module, theirs: SimpleNamespace, mode: str | None) -> Iterator[None]:
-    """Both UNets torch.compile'd with ``mode`` for the duration (``None``: left eager)."""
+def accelerated(model: torch.nn.Module, theirs: SimpleNamespace, variant: Variant) -> Iterator[None]:
+    """Our model set up as the scripts set it up for ``variant``, diffusers' UNet compiled as it says, for the
+    duration."""
     ours, reference = model.model.diffusion_model, theirs.unet
-    if mode is not None:
-        model.model.diffusion_model = torch.compile(ours, mode=mode)
-        theirs.unet = torch.compile(reference, mode=mode)
+    accelerate(model, variant.ours)
+    if variant.their_compile_mode is not None:
+        theirs.unet = torch.compile(reference, mode=variant.their_compile_mode)
     try:
         yield
     finally:
         model.model.diffusion_model, theirs.unet = ours, reference
-        if mode is not None:
-            torch._dynamo.reset()
+        torch._dynamo.reset()
 
 
 class Runner:
@@ -288,12 +300,12 @@ def unet_rows(runner: Runner, model: torch.nn.Module, theirs: SimpleNamespace, l
     args, rows = runner.args, []
     for batch in args.batches:
         calls = unet_calls(model, theirs, batch, args.dtype)
-        if batch not in flops:
-            flops[batch] = [count_flops(call) for call in calls]
+        if batch not in flops:  # the network's FLOPs, as diffusers' direct convolutions do them (our CPU Winograd
+            flops[batch] = count_flops(calls[1])  # path does fewer multiplications for the same result)
         what = f"UNet step, batch {batch}, {label}"
         (ours_ms, ours_gib), (their_ms, their_gib) = runner.both(what, *calls, warmup=3 if args.device.type == "cuda"
                                                                   else 1)
-        tflops = [None if ms is None else n / ms / 1e9 for n, ms in zip(flops[batch], (ours_ms, their_ms))]
+        tflops = [None if ms is None else flops[batch] / ms / 1e9 for ms in (ours_ms, their_ms)]
         rows += [Row(what, "ms", ours_ms, their_ms), Row(what, "TFLOP/s", *tflops)]
         if args.peak_tflops:
             rows.append(Row(what, "% of peak", *(None if x is None else 100 * x / args.peak_tflops for x in tflops)))
@@ -345,13 +357,13 @@ def main(argv: list[str] | None = None) -> int:
         print("ours and diffusers disagree beyond the tolerance: refusing to time them", file=sys.stderr)
         return 1
     runner, rows, flops = Runner(args, deadline), [], {}
-    for label, mode, reason in variants(args):
-        if reason:
-            print(f"skipped {label}: {reason}")
+    for variant in variants(args):
+        if variant.skip_reason:
+            print(f"skipped {variant.label}: {variant.skip_reason}")
             continue
-        with compiled_unets(model, theirs, mode):
-            rows += unet_rows(runner, model, theirs, label, flops)
-            rows += image_rows(runner, model, theirs, label)
+        with accelerated(model, theirs, variant):
+            rows += unet_rows(runner, model, theirs, variant.label, flops)
+            rows += image_rows(runner, model, theirs, variant.label)
     print(markdown_table(rows))
     figures = [dict(asdict(row), ratio=row.ratio) for row in rows]
     print("JSON: " + json.dumps(dict(info, agreement=agreement, tolerance=TOLERANCE[args.dtype],

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from ldm.cli import add_checkpoint_arguments, add_extra_arguments, clean_exit
+from ldm.cli import acceleration_from_args, add_checkpoint_arguments, add_extra_arguments, clean_exit
 from ldm.editing.diffedit import ENCODE_TYPES, diffedit, mask_image
 from ldm.generation import Geometry, Pipeline, load_image, load_safety_checker, resolve_device
 from ldm.models.loading import load_config
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     user_mask = load_mask(args.mask, image_size) if args.mask else None
     device = resolve_device(args.device)
     safety_checker = load_safety_checker(config, args.safety_checker, args.no_safety_checker, device)
-    pipeline = Pipeline.load(config, args.ckpt, device, args.precision, "dpm_solver", safety_checker)
+    pipeline = Pipeline.load(config, args.ckpt, device, args.precision, "dpm_solver", safety_checker,
+                             acceleration_from_args(args, device))
 
     with pipeline.scope():
         result = diffedit(pipeline.model, pipeline.sampler, init_image, args.prompt, args.edit,

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ldm.cli import (add_extra_arguments, add_model_arguments, add_prompt_and_output_arguments, check_common,
-                     clean_exit, prompt_batches, sampler_name)
+from ldm.cli import (acceleration_from_args, add_extra_arguments, add_model_arguments, add_prompt_and_output_arguments,
+                     check_common, clean_exit, prompt_batches, sampler_name)
 from ldm.generation import Geometry, Pipeline, load_safety_checker, resolve_device
 from ldm.models.loading import load_config
 from ldm.output import RunOutput
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     seed_everything(args.seed)
     safety_checker = load_safety_checker(config, args.safety_checker, args.no_safety_checker, device)
-    pipeline = Pipeline.load(config, args.ckpt, device, args.precision, sampler_name(args), safety_checker)
+    pipeline = Pipeline.load(config, args.ckpt, device, args.precision, sampler_name(args), safety_checker,
+                             acceleration_from_args(args, device))
 
     shape = geometry.latent_shape(args.H, args.W)
     start_code = torch.randn((args.n_samples, *shape), device=device) if args.fixed_code else None

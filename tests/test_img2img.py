@@ -15,8 +15,7 @@ ORIGINAL_DEFAULTS = dict(
     prompt="a painting of a virus monster playing guitar", init_img=None, outdir="outputs/img2img-samples",
     skip_grid=False, skip_save=False, ddim_steps=50, plms=False, fixed_code=False, ddim_eta=0.0, n_iter=1,
     n_samples=2, n_rows=0, scale=5.0, strength=0.75, from_file=None,
-    config="configs/stable-diffusion/v1-inference.yaml", ckpt="models/ldm/stable-diffusion-v1/model.ckpt", seed=42,
-    precision="autocast")
+    config="configs/stable-diffusion/v1-inference.yaml", ckpt="models/ldm/stable-diffusion-v1/model.ckpt", seed=42)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +38,8 @@ def test_defaults_are_the_originals():
     geometry = Geometry.of(load_config(ROOT / args.config))
     assert (geometry.latent_channels, geometry.factor) == (4, 8)
     assert not args.dpm_solver and args.negative_prompt == ""
+    # the one changed default: float16 weights on GPUs, float32 on the CPU; the original's is --precision autocast
+    assert args.precision == "auto" and img2img.parse_args(["--precision", "autocast"]).precision == "autocast"
 
 
 @pytest.mark.parametrize("sampler", [[], ["--plms"], ["--dpm_solver"]])

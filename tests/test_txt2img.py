@@ -17,8 +17,7 @@ ORIGINAL_DEFAULTS = dict(
     prompt="a painting of a virus monster playing guitar", outdir="outputs/txt2img-samples", skip_grid=False,
     skip_save=False, ddim_steps=50, plms=False, dpm_solver=False, laion400m=False, fixed_code=False, ddim_eta=0.0,
     n_iter=2, H=512, W=512, n_samples=3, n_rows=0, scale=7.5, from_file=None,
-    config="configs/stable-diffusion/v1-inference.yaml", ckpt="models/ldm/stable-diffusion-v1/model.ckpt", seed=42,
-    precision="autocast")
+    config="configs/stable-diffusion/v1-inference.yaml", ckpt="models/ldm/stable-diffusion-v1/model.ckpt", seed=42)
 
 
 def tiny_run(outdir, checkpoint, *extra: str) -> list[str]:
@@ -38,6 +37,8 @@ def test_defaults_are_the_originals():
     geometry = Geometry.of(load_config(ROOT / args.config))
     assert (geometry.latent_channels, geometry.factor) == (4, 8)
     assert args.negative_prompt == "" and args.device == "auto" and not args.no_safety_checker
+    # the one changed default: float16 weights on GPUs, float32 on the CPU; the original's is --precision autocast
+    assert args.precision == "auto" and txt2img.parse_args(["--precision", "autocast"]).precision == "autocast"
 
 
 def test_help_lists_every_original_flag():

@@ -53,12 +53,17 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self.query_slice = 0  # attend with at most this many query tokens at a time (0: all); see set_attention_slicing
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
         q, k, v = (self._split_heads(proj(inp)) for proj, inp in
                    ((self.to_q, x), (self.to_k, context), (self.to_v, context)))
-        out = F.scaled_dot_product_attention(q, k, v)
+        if 0 < self.query_slice < q.shape[2]:
+            out = torch.cat([F.scaled_dot_product_attention(q_slice, k, v)
+                             for q_slice in q.split(self.query_slice, dim=2)], dim=2)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         batch, heads, tokens, dim_head = out.shape
         return self.to_out(out.transpose(1, 2).reshape(batch, tokens, heads * dim_head))
 
@@ -117,3 +122,15 @@ class SpatialTransformer(nn.Module):
             h = block(h, context=context)
         h = h.transpose(1, 2).reshape(batch, -1, height, width)
         return self.proj_out(h) + x
+
+
+def set_attention_slicing(model: nn.Module, query_tokens: int) -> None:
+    """Compute every :class:`CrossAttention` in ``model`` over at most ``query_tokens`` queries at a time.
+
+    Rows of softmax(q·kᵀ/√d)·v depend only on their own query, so slices give the same result; the attention
+    matrix held at once shrinks to ``query_tokens`` rows (for kernels that hold it at all: the math path of
+    small cards, MPS and older GPUs). 0 turns slicing off.
+    """
+    for module in model.modules():
+        if isinstance(module, CrossAttention):
+            module.query_slice = query_tokens

@@ -226,8 +226,8 @@ class LatentDiffusion(DDPM):
 
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
-        """Image (B, 3, H, W) in [−1, 1] → posterior over unscaled latents."""
-        return self.first_stage_model.encode(x)
+        """Image (B, 3, H, W) in [−1, 1] → posterior over unscaled latents (in the autoencoder's dtype)."""
+        return self.first_stage_model.encode(x.to(self.first_stage_dtype))
 
     def get_first_stage_encoding(self, encoder_posterior: DiagonalGaussianDistribution | torch.Tensor,
                                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -242,8 +242,12 @@ class LatentDiffusion(DDPM):
 
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, C, h, w) → image (B, 3, h·f, w·f), roughly in [−1, 1]."""
-        return self.first_stage_model.decode(z / self.scale_factor)
+        """Scaled latents (B, C, h, w) → image (B, 3, h·f, w·f), roughly in [−1, 1], in the autoencoder's dtype."""
+        return self.first_stage_model.decode((z / self.scale_factor).to(self.first_stage_dtype))
+
+    @property
+    def first_stage_dtype(self) -> torch.dtype:
+        return next(self.first_stage_model.parameters()).dtype
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
         """The network's prediction for x_noisy at timesteps t: (B,) (real-valued allowed).

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.winograd import Conv3x3
+
 logger = logging.getLogger(__name__)
 
 
@@ -24,7 +26,7 @@ class Upsample(nn.Module):
 
     def __init__(self, in_channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
+        self.conv = Conv3x3(in_channels, in_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -48,10 +50,10 @@ class ResnetBlock(nn.Module):
         super().__init__()
         out_channels = out_channels or in_channels
         self.norm1 = Normalize(in_channels, num_groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv1 = Conv3x3(in_channels, out_channels)
         self.norm2 = Normalize(out_channels, num_groups)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv2 = Conv3x3(out_channels, out_channels)
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
@@ -107,7 +109,7 @@ class Encoder(nn.Module):
                  in_channels: int, resolution: int, z_channels: int, double_z: bool = True, dropout: float = 0.0,
                  norm_num_groups: int = 32):
         super().__init__()
-        self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
+        self.conv_in = Conv3x3(in_channels, ch)
         self.down = nn.ModuleList()
         block_in, curr_res = ch, resolution
         for i_level, mult in enumerate(ch_mult):
@@ -124,8 +126,7 @@ class Encoder(nn.Module):
             self.down.append(level)
         self.mid = _mid_block(block_in, dropout, norm_num_groups)
         self.norm_out = Normalize(block_in, norm_num_groups)
-        self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, stride=1,
-                                  padding=1)
+        self.conv_out = Conv3x3(block_in, 2 * z_channels if double_z else z_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -150,7 +151,7 @@ class Decoder(nn.Module):
         block_in = ch * ch_mult[-1]
         curr_res = resolution // 2 ** (len(ch_mult) - 1)
         logger.debug("Working with z of shape (1, %d, %d, %d)", z_channels, curr_res, curr_res)
-        self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
+        self.conv_in = Conv3x3(z_channels, block_in)
         self.mid = _mid_block(block_in, dropout, norm_num_groups)
         self.up = nn.ModuleList()
         for i_level, mult in reversed(list(enumerate(ch_mult))):
@@ -166,7 +167,7 @@ class Decoder(nn.Module):
                 curr_res *= 2
             self.up.insert(0, level)
         self.norm_out = Normalize(block_in, norm_num_groups)
-        self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
+        self.conv_out = Conv3x3(block_in, out_ch)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)

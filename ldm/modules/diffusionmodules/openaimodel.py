@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.attention import SpatialTransformer
+from ldm.modules.winograd import Conv3x3
 from ldm.modules.diffusionmodules.util import checkpoint, normalization, timestep_embedding, zero_module
 
 
@@ -33,7 +34,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int, out_channels: int | None = None):
         super().__init__()
-        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+        self.conv = Conv3x3(channels, out_channels or channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
@@ -58,10 +59,10 @@ class ResBlock(nn.Module):
         super().__init__()
         out_channels = out_channels or channels
         self.in_layers = nn.Sequential(normalization(channels, num_groups), nn.SiLU(),
-                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+                                       Conv3x3(channels, out_channels))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(normalization(out_channels, num_groups), nn.SiLU(), nn.Dropout(p=dropout),
-                                        zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
+                                        zero_module(Conv3x3(out_channels, out_channels)))
         self.skip_connection = (nn.Identity() if out_channels == channels
                                 else nn.Conv2d(channels, out_channels, 1))
         self.use_checkpoint = use_checkpoint
@@ -113,7 +114,7 @@ class UNetModel(nn.Module):
             return ResBlock(ch, time_embed_dim, dropout, out_channels=out_ch, use_checkpoint=use_checkpoint,
                             num_groups=norm_num_groups)
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv3x3(in_channels, model_channels))])
         skip_channels = [model_channels]
         ch, ds = model_channels, 1
         for level, mult in enumerate(channel_mult):
@@ -144,7 +145,7 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(normalization(ch, norm_num_groups), nn.SiLU(),
-                                 zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)))
+                                 zero_module(Conv3x3(model_channels, out_channels)))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, H, W) noisy latents; timesteps: (B,) real-valued; context: (B, M, context_dim)."""

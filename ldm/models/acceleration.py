@@ -1,0 +1,105 @@
+"""Ways to run the same model faster or in less memory, none of which changes a result beyond rounding.
+
+* :class:`CUDAGraphUNet` records the UNet's kernels once per input shape and replays them: one launch per step
+  instead of ~1 000, without a compile wait.
+* ``compile``: ``torch.compile`` of the UNet (with CUDA graphs too, mode "reduce-overhead", when both are asked
+  for). Inductor's caches live in ``~/.cache/ldm/torchinductor`` unless ``TORCHINDUCTOR_CACHE_DIR`` says
+  otherwise, so a second run loads the compiled kernels instead of compiling again.
+* ``attention_slicing``: attention over at most that many query tokens at a time (less memory on small cards).
+* ``vae_slicing``: decode one image at a time (see :func:`ldm.generation.decode_images`).
+
+CPU inference needs no option: the wide 3×3 convolutions take the Winograd path by themselves
+(:mod:`ldm.modules.winograd`).
+"""
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ldm.modules.attention import set_attention_slicing
+from ldm.util import InputError
+
+logger = logging.getLogger(__name__)
+
+COMPILE_CACHE = Path.home() / ".cache" / "ldm" / "torchinductor"
+
+
+@dataclass(frozen=True)
+class Acceleration:
+    compile: bool = False
+    cuda_graph: bool = False
+    attention_slicing: int = 0  # query tokens per attention call; 0: all at once
+    vae_slicing: bool = False
+
+    def check(self, device: torch.device) -> None:
+        if self.cuda_graph and device.type != "cuda":
+            raise InputError(f"--cuda_graph needs a CUDA device; this run uses {device.type}")
+        if self.compile and not torch._dynamo.is_dynamo_supported():
+            raise InputError("--compile: torch.compile does not support this Python version")
+        if self.attention_slicing < 0:
+            raise InputError(f"--attention_slicing must be 0 (off) or a positive number of tokens, "
+                             f"got {self.attention_slicing}")
+
+
+def accelerate(model: nn.Module, acceleration: Acceleration) -> None:
+    """Apply ``acceleration`` to a loaded LatentDiffusion in place (its UNet is wrapped, its weights shared)."""
+    set_attention_slicing(model, acceleration.attention_slicing)
+    wrapper = model.model
+    if acceleration.compile:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
+        mode = "reduce-overhead" if acceleration.cuda_graph else None
+        wrapper.diffusion_model = torch.compile(wrapper.diffusion_model, mode=mode, dynamic=False)
+    elif acceleration.cuda_graph:
+        wrapper.diffusion_model = CUDAGraphUNet(wrapper.diffusion_model)
+
+
+class CUDAGraphUNet(nn.Module):
+    """``unet(x, timesteps, context)`` replayed from a CUDA graph captured on the first call with each shape.
+
+    Inputs are copied into the graph's static tensors and the output is copied out, so callers may keep results
+    across steps (multistep solvers do). If capture fails, the UNet runs eagerly from then on, with a warning.
+    Capture needs the autocast weight cache off (``torch.autocast(..., cache_enabled=False)``): cached casts
+    made during capture would be freed with the capture's memory.
+    """
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.graphs: dict[tuple, tuple[list[torch.Tensor], torch.Tensor, torch.cuda.CUDAGraph]] = {}
+        self.failed = False
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        inputs = [x, timesteps] if context is None else [x, timesteps, context]
+        if self.failed or torch.is_grad_enabled() or x.device.type != "cuda":
+            return self.unet(*inputs)
+        key = tuple((tensor.shape, tensor.dtype) for tensor in inputs) + (torch.is_autocast_enabled("cuda"),)
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = self._capture(inputs)
+            except RuntimeError as error:
+                logger.warning("CUDA graph capture failed (%s); running the UNet eagerly", str(error).splitlines()[0])
+                self.failed = True
+                return self.unet(*inputs)
+        static_inputs, static_output, graph = self.graphs[key]
+        for static, tensor in zip(static_inputs, inputs):
+            static.copy_(tensor)
+        graph.replay()
+        return static_output.clone()
+
+    def _capture(self, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor, torch.cuda.CUDAGraph]:
+        static_inputs = [tensor.clone() for tensor in inputs]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph: kernel selection, workspace allocation
+            for _ in range(2):
+                self.unet(*static_inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_output = self.unet(*static_inputs)
+        return static_inputs, static_output, graph

@@ -1,0 +1,112 @@
+import copy
+
+import pytest
+import torch
+
+from conftest import TINY_CONFIG
+from ldm.models.acceleration import Acceleration, CUDAGraphUNet, accelerate
+from ldm.models.loading import build_model, load_config
+from ldm.modules.diffusionmodules.openaimodel import UNetModel
+from ldm.modules.winograd import MIN_CHANNELS, set_winograd
+from ldm.util import InputError, randomize_parameters_
+
+FLOAT32_RELATIVE = 1e-4  # the fast paths change the order of float32 sums only: measured ≤ 1e-5
+
+
+def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((x.float() - reference.float()).abs().max() / reference.float().abs().max()).item()
+
+
+def unet_inputs(model, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    unet = model.model.diffusion_model
+    x = torch.randn(batch, unet.in_channels, model.image_size, model.image_size, generator=generator)
+    context = torch.randn(batch, 77, model.cond_stage_model.transformer.text_model.config.hidden_size,
+                          generator=generator)
+    return x, torch.tensor([999.0, 17.5])[:batch], context
+
+
+def test_winograd_unet_equals_the_plain_convolutions():
+    """A UNet as wide as SD v1's first level, so that its 3×3 convolutions take the Winograd path."""
+    torch.manual_seed(0)
+    unet = UNetModel(in_channels=4, model_channels=MIN_CHANNELS, out_channels=4, num_res_blocks=1,
+                     attention_resolutions=[2], channel_mult=(1, 1), num_head_channels=64, context_dim=32).eval()
+    for module in unet.modules():  # zero-initialised output layers would hide the convolutions' errors
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.normal_(module.weight, std=module.weight[0].numel() ** -0.5)
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 900.0]), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        fast = unet(x, t, context)
+        set_winograd(unet, False)
+        plain = unet(x, t, context)
+    assert relative_error(fast, plain) < FLOAT32_RELATIVE
+    assert not torch.equal(fast, plain)  # the other path really ran
+
+
+@pytest.mark.parametrize("query_tokens", [1, 7, 64])
+def test_attention_slicing_changes_nothing(tiny_model, query_tokens):
+    model = copy.deepcopy(tiny_model)
+    x, t, context = unet_inputs(model)
+    with torch.no_grad():
+        whole = model.apply_model(x, t, context)
+        accelerate(model, Acceleration(attention_slicing=query_tokens))
+        sliced = model.apply_model(x, t, context)
+    assert relative_error(sliced, whole) < FLOAT32_RELATIVE
+
+
+def test_compiled_unet_equals_eager(tmp_path, monkeypatch):
+    """The real --compile path (Inductor, C++ on the CPU), with the compile cache in a temporary directory, on a
+    one-level UNet (Inductor's C++ compile time grows with the kernels: the tiny v1 UNet takes 100 s here)."""
+    if not torch._dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile does not support this Python")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    config = load_config(TINY_CONFIG)
+    config.model.params.unet_config.params.update(channel_mult=[1], attention_resolutions=[1], num_res_blocks=1)
+    model = randomize_parameters_(build_model(config), seed=0).eval()
+    x, t, context = unet_inputs(model)
+    with torch.no_grad():
+        eager = model.apply_model(x, t, context)
+        accelerate(model, Acceleration(compile=True))
+        compiled = model.apply_model(x, t, context)
+    torch._dynamo.reset()
+    assert relative_error(compiled, eager) < FLOAT32_RELATIVE
+    assert any(tmp_path.iterdir()), "Inductor wrote nothing to the compile cache"
+
+
+def test_unet_traces_without_graph_breaks(tiny_model):
+    """torch.compile(fullgraph=True) refuses graph breaks: one graph per UNet call, nothing left to Python."""
+    unet = torch.compile(tiny_model.model.diffusion_model, backend="eager", fullgraph=True)
+    x, t, context = unet_inputs(tiny_model)
+    with torch.no_grad():
+        assert relative_error(unet(x, t, context), tiny_model.model.diffusion_model(x, t, context)) < 1e-6
+    torch._dynamo.reset()
+
+
+def test_cuda_graph_needs_cuda_and_slicing_needs_a_count():
+    with pytest.raises(InputError, match="--cuda_graph needs a CUDA device"):
+        Acceleration(cuda_graph=True).check(torch.device("cpu"))
+    with pytest.raises(InputError, match="--attention_slicing"):
+        Acceleration(attention_slicing=-1).check(torch.device("cpu"))
+
+
+def test_cuda_graph_wrapper_runs_eagerly_off_cuda(tiny_model):
+    unet = CUDAGraphUNet(tiny_model.model.diffusion_model)
+    x, t, context = unet_inputs(tiny_model)
+    with torch.no_grad():
+        assert torch.equal(unet(x, t, context), tiny_model.model.diffusion_model(x, t, context))
+    assert not unet.graphs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device; this machine has none")
+def test_cuda_graph_replays_equal_eager_and_outputs_survive_later_calls(tiny_model):
+    model = copy.deepcopy(tiny_model).cuda()
+    unet = model.model.diffusion_model
+    graphed = CUDAGraphUNet(unet)
+    first, second = (tuple(tensor.cuda() for tensor in unet_inputs(model, seed=seed)) for seed in (1, 2))
+    with torch.no_grad():
+        expected = [unet(*first), unet(*second)]
+        outputs = [graphed(*first), graphed(*second)]
+        again = graphed(*first)
+    assert len(graphed.graphs) == 1 and not graphed.failed
+    for output, reference in zip(outputs + [again], expected + expected[:1]):
+        assert relative_error(output, reference) < FLOAT32_RELATIVE
