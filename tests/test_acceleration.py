@@ -7,7 +7,7 @@ from conftest import TINY_CONFIG
 from ldm.models.acceleration import Acceleration, CUDAGraphUNet, accelerate
 from ldm.models.loading import build_model, load_config
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
-from ldm.modules.winograd import MIN_CHANNELS, set_winograd
+from ldm.modules.winograd import MIN_CHANNELS, Conv3x3, set_winograd
 from ldm.util import InputError, randomize_parameters_
 
 FLOAT32_RELATIVE = 1e-4  # the fast paths change the order of float32 sums only: measured ≤ 1e-5
@@ -110,3 +110,10 @@ def test_cuda_graph_replays_equal_eager_and_outputs_survive_later_calls(tiny_mod
     assert len(graphed.graphs) == 1 and not graphed.failed
     for output, reference in zip(outputs + [again], expected + expected[:1]):
         assert relative_error(output, reference) < FLOAT32_RELATIVE
+
+
+def test_winograd_can_be_turned_off_to_save_memory(tiny_model):
+    model = copy.deepcopy(tiny_model)
+    accelerate(model, Acceleration(winograd=False))
+    convolutions = [m for m in model.modules() if isinstance(m, Conv3x3)]
+    assert convolutions and not any(m.winograd for m in convolutions)

@@ -1,8 +1,10 @@
 """The UNet: original checkpoint layout, and the same outputs as diffusers' UNet2DConditionModel on the same weights."""
 
+import pytest
 import torch
 
 from ldm.models.diffusers_interop import diffusers_unet
+from ldm.modules.diffusionmodules.util import normalization
 from ldm.util import count_params
 
 
@@ -27,3 +29,15 @@ def test_tiny_unet_matches_diffusers(tiny_model, tiny_original_config):
         theirs = unet(x, t, encoder_hidden_states=context).sample
     assert ours.abs().mean() > 0.1
     assert (ours - theirs).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_group_norm_is_the_float32_one_rounded_once(dtype):
+    norm = normalization(64).to(dtype)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = (torch.randn(2, 64, 8, 8) * 300 + 1000).to(dtype)  # large mean: float16 sums of squares would overflow
+    expected = torch.nn.functional.group_norm(x.float(), 32, norm.weight.float(), norm.bias.float(), norm.eps)
+    out = norm(x)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert ((out.float() - expected).abs() / expected.abs().clamp(min=1)).max() <= torch.finfo(dtype).eps

@@ -52,9 +52,16 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 and cast back, so fp16/bf16 models normalise without overflow."""
+    """GroupNorm with float32 statistics, so fp16/bf16 models normalise without overflow.
+
+    When input and weights share a half-precision dtype, PyTorch's kernel already accumulates in float32 and
+    rounds once at the end, as the original's cast-compute-cast does, in one kernel instead of three; mixed
+    dtypes (autocast) take the original's way.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype:
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).type(x.dtype)
 
 
