@@ -2,9 +2,10 @@ import copy
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from conftest import TINY_CONFIG
-from ldm.models.acceleration import Acceleration, CUDAGraphUNet, accelerate
+from ldm.models.acceleration import Acceleration, CompiledCUDAGraphUNet, CUDAGraphUNet, accelerate
 from ldm.models.loading import build_model, load_config
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.winograd import MIN_CHANNELS, Conv3x3, set_winograd
@@ -54,23 +55,47 @@ def test_attention_slicing_changes_nothing(tiny_model, query_tokens):
     assert relative_error(sliced, whole) < FLOAT32_RELATIVE
 
 
-def test_compiled_unet_equals_eager(tmp_path, monkeypatch):
-    """The real --compile path (Inductor, C++ on the CPU), with the compile cache in a temporary directory, on a
-    one-level UNet (Inductor's C++ compile time grows with the kernels: the tiny v1 UNet takes 100 s here)."""
-    if not torch._dynamo.is_dynamo_supported():
-        pytest.skip("torch.compile does not support this Python")
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+@pytest.fixture(scope="module")
+def one_level_model():
+    """A one-level tiny UNet: Inductor's C++ compile time grows with the kernels (the tiny v1 UNet takes 100 s)."""
     config = load_config(TINY_CONFIG)
     config.model.params.unet_config.params.update(channel_mult=[1], attention_resolutions=[1], num_res_blocks=1)
-    model = randomize_parameters_(build_model(config), seed=0).eval()
+    return randomize_parameters_(build_model(config), seed=0).eval()
+
+
+@pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile does not support this Python")
+def test_compiled_unet_equals_eager_and_a_second_compile_reads_the_cache(one_level_model, tmp_path, monkeypatch):
+    """The real --compile path (Inductor, C++ on the CPU), its cache in a temporary directory."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    x, t, context = unet_inputs(one_level_model)
+    with torch.no_grad():
+        eager = one_level_model.apply_model(x, t, context)
+        for run in ("first", "second"):
+            torch._dynamo.reset()
+            counters.clear()
+            model = copy.deepcopy(one_level_model)
+            accelerate(model, Acceleration(compile=True))
+            assert relative_error(model.apply_model(x, t, context), eager) < FLOAT32_RELATIVE
+            assert counters["inductor"]["fxgraph_cache_hit"] == (run == "second"), run
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile does not support this Python")
+def test_compiled_cuda_graph_outputs_are_copies(one_level_model, tmp_path, monkeypatch):
+    """--compile --cuda_graph (mode "reduce-overhead"; on the CPU Inductor compiles without graphs): each output
+    is a fresh tensor, since the graphs overwrite theirs on the next replay."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    model = copy.deepcopy(one_level_model)
     x, t, context = unet_inputs(model)
     with torch.no_grad():
         eager = model.apply_model(x, t, context)
-        accelerate(model, Acceleration(compile=True))
-        compiled = model.apply_model(x, t, context)
+        accelerate(model, Acceleration(compile=True, cuda_graph=True))
+        assert isinstance(model.model.diffusion_model, CompiledCUDAGraphUNet)
+        first = model.apply_model(x, t, context)
+        second = model.apply_model(x, t, context)
     torch._dynamo.reset()
-    assert relative_error(compiled, eager) < FLOAT32_RELATIVE
-    assert any(tmp_path.iterdir()), "Inductor wrote nothing to the compile cache"
+    assert first.data_ptr() != second.data_ptr()
+    assert relative_error(first, eager) < FLOAT32_RELATIVE and torch.equal(first, second)
 
 
 def test_unet_traces_without_graph_breaks(tiny_model):

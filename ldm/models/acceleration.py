@@ -55,8 +55,10 @@ def accelerate(model: nn.Module, acceleration: Acceleration) -> None:
     wrapper = model.model
     if acceleration.compile:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
-        mode = "reduce-overhead" if acceleration.cuda_graph else None
-        wrapper.diffusion_model = torch.compile(wrapper.diffusion_model, mode=mode, dynamic=False)
+        if acceleration.cuda_graph:
+            wrapper.diffusion_model = CompiledCUDAGraphUNet(wrapper.diffusion_model)
+        else:
+            wrapper.diffusion_model = torch.compile(wrapper.diffusion_model, dynamic=False)
     elif acceleration.cuda_graph:
         wrapper.diffusion_model = CUDAGraphUNet(wrapper.diffusion_model)
 
@@ -107,3 +109,20 @@ class CUDAGraphUNet(nn.Module):
         with torch.cuda.graph(graph):
             static_output = self.unet(*static_inputs)
         return static_inputs, static_output, graph
+
+
+class CompiledCUDAGraphUNet(nn.Module):
+    """``torch.compile(unet, mode="reduce-overhead")``: compiled kernels replayed from Inductor's CUDA graphs.
+
+    Those graphs overwrite their outputs on the next replay, so each output is copied before it is returned:
+    multistep solvers keep earlier outputs (unguided DPM-Solver keeps the raw ε).
+    """
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.compiled = torch.compile(unet, mode="reduce-overhead", dynamic=False)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled(x, timesteps, context).clone()
