@@ -14,7 +14,8 @@ graphs, mode "reduce-overhead"), ours set up by ldm.models.acceleration as the s
 * on CUDA, the peak allocated memory of each (both sides' weights stay on the device: they count alike).
 
 UNet throughput is the network's FLOPs (torch.utils.flop_counter on diffusers' UNet) over time, and a share of ``--peak_tflops`` when given.
-GPU times come from CUDA events after warm-up, CPU times from perf_counter; each is the median of ``--repeats``.
+GPU times come from CUDA events, CPU times from perf_counter: after warm-up, ``--repeats`` calls alternating
+between ours and diffusers' (a slow spell of a shared machine falls on both), the median of each side's.
 A variant that fails (compile error, out of memory) is reported and skipped; measurements that would start
 after ``--budget_s`` seconds are skipped. Prints a Markdown table, then one line ``JSON: {...}``.
 
@@ -201,29 +202,20 @@ def check_agreement(model: torch.nn.Module, theirs: SimpleNamespace, dtype: torc
     return differences
 
 
-def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int
-            ) -> tuple[float, float | None]:
-    """Median milliseconds of ``fn()`` after ``warmup`` untimed calls, and the peak GiB allocated (CUDA only)."""
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(warmup):
+def timed_call(fn: Callable[[], object], device: torch.device) -> tuple[float, float | None]:
+    """Milliseconds of one ``fn()`` and the peak GiB allocated during it (CUDA only)."""
+    if device.type != "cuda":
+        start = time.perf_counter()
         fn()
-    milliseconds = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            milliseconds.append(start.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            fn()
-            milliseconds.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(milliseconds), torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None
+        return (time.perf_counter() - start) * 1e3, None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end), torch.cuda.max_memory_allocated(device) / 2 ** 30
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -269,29 +261,41 @@ def accelerated(model: torch.nn.Module, theirs: SimpleNamespace, variant: Varian
 
 
 class Runner:
-    """Measures both sides of each figure; a failure is printed and leaves that figure empty."""
+    """Measures both sides of each figure; a failure is printed and leaves that side's figure empty."""
 
     def __init__(self, args: argparse.Namespace, deadline: float):
         self.args, self.deadline = args, deadline
 
-    def attempt(self, what: str, fn: Callable[[], tuple[float, float | None]]) -> tuple[float | None, float | None]:
-        if time.monotonic() > self.deadline:
-            print(f"skipped {what}: the --budget_s of {self.args.budget_s:g} s is spent")
-            return None, None
+    def attempt(self, what: str, fn: Callable[[], object]) -> object | None:
         try:
             return fn()
         except Exception as error:  # one variant failing (compile error, out of memory) must not stop the rest
             print(f"failed {what}: {type(error).__name__}: {' '.join(str(error).split())[:300]}")
             if self.args.device.type == "cuda":
                 torch.cuda.empty_cache()
-            return None, None
+            return None
 
     def both(self, what: str, ours: Callable[[], object], theirs: Callable[[], object], warmup: int
              ) -> list[tuple[float | None, float | None]]:
-        """[(ms, GiB) of ours, (ms, GiB) of diffusers]."""
-        return [self.attempt(f"{what} ({side})", lambda fn=fn: measure(fn, self.args.device, warmup,
-                                                                       self.args.repeats))
-                for side, fn in (("ours", ours), ("diffusers", theirs))]
+        """[(ms, GiB) of ours, (ms, GiB) of diffusers]: each side warmed up (compiles, captures), then
+        ``--repeats`` timed calls alternating between the sides, so that a slow spell of a shared machine falls
+        on both; the median time and the largest peak memory of the timed calls."""
+        if time.monotonic() > self.deadline:
+            print(f"skipped {what}: the --budget_s of {self.args.budget_s:g} s is spent")
+            return [(None, None), (None, None)]
+        sides = {"ours": ours, "diffusers": theirs}
+        samples = {side: [] for side in sides
+                   if self.attempt(f"{what} ({side})", lambda fn=sides[side]: [fn() for _ in range(warmup)]) is not None}
+        for _ in range(self.args.repeats):
+            for side in list(samples):
+                result = self.attempt(f"{what} ({side})", lambda: timed_call(sides[side], self.args.device))
+                if result is None:
+                    del samples[side]
+                else:
+                    samples[side].append(result)
+        return [(statistics.median(ms for ms, _ in samples[side]),
+                 None if self.args.device.type != "cuda" else max(gib for _, gib in samples[side]))
+                if samples.get(side) else (None, None) for side in sides]
 
 
 def unet_rows(runner: Runner, model: torch.nn.Module, theirs: SimpleNamespace, label: str, flops: dict

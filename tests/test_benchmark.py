@@ -25,3 +25,24 @@ def test_tiny_cpu_benchmark_checks_agreement_and_prints_table_and_json():
     assert whats == {("UNet step, batch 1, eager", "ms"), ("UNet step, batch 1, eager", "TFLOP/s"),
                      ("3-step image, batch 1, eager", "ms")}
     assert all(math.isfinite(figure["ratio"]) and figure["ratio"] > 0 for figure in report["figures"])
+
+
+def test_a_failing_side_is_reported_and_the_other_still_timed(capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import benchmark
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    args = benchmark.parse_args(["--device", "cpu", "--repeats", "3"])
+    calls = []
+
+    def failing_on_second_timed_call():
+        calls.append(None)
+        if len(calls) == 3:  # warm-up, first timed call, then out of memory
+            raise RuntimeError("CUDA out of memory")
+
+    ours, theirs = benchmark.Runner(args, deadline=math.inf).both("step", failing_on_second_timed_call, lambda: None,
+                                                                  warmup=1)
+    assert ours == (None, None) and theirs[0] is not None and theirs[1] is None
+    assert "failed step (ours): RuntimeError: CUDA out of memory" in capsys.readouterr().out
+    assert benchmark.Runner(args, deadline=-math.inf).both("step", lambda: None, lambda: None, 1) == [(None, None)] * 2

@@ -1,16 +1,15 @@
 """Ways to run the same model faster or in less memory, none of which changes a result beyond rounding.
 
-* :class:`CUDAGraphUNet` records the UNet's kernels once per input shape and replays them: one launch per step
-  instead of ~1 000, without a compile wait.
-* ``compile``: ``torch.compile`` of the UNet (with CUDA graphs too, mode "reduce-overhead", when both are asked
-  for). Inductor's caches live in ``~/.cache/ldm/torchinductor`` unless ``TORCHINDUCTOR_CACHE_DIR`` says
-  otherwise, so a second run loads the compiled kernels instead of compiling again.
+* ``cuda_graph``: :class:`CUDAGraphUNet` records the UNet's kernels once per input shape and replays them, one
+  launch per step instead of ~1 000, without a compile wait.
+* ``compile``: ``torch.compile`` of the UNet; with ``cuda_graph`` too, :class:`CompiledCUDAGraphUNet` (mode
+  "reduce-overhead"). Inductor's caches live in ``~/.cache/ldm/torchinductor`` unless
+  ``TORCHINDUCTOR_CACHE_DIR`` says otherwise, so a second run loads the compiled kernels instead of compiling.
 * ``attention_slicing``: attention over at most that many query tokens at a time (less memory on small cards).
 * ``vae_slicing``: decode one image at a time (see :func:`ldm.generation.decode_images`).
-
 * ``winograd`` (on by default): in float32 CPU inference the wide 3×3 convolutions compute by Winograd's
-  F(2×2, 3×3) (:mod:`ldm.modules.winograd`), 1.4× faster per UNet step for SD v1; the transformed kernels take
-  16/9 the memory of those weights (3.7 GB more for the SD v1 UNet in float32), so it can be turned off.
+  F(2×2, 3×3) (:mod:`ldm.modules.winograd`); the transformed kernels take 16/9 the memory of those weights
+  (3.7 GB more for the SD v1 UNet in float32), so it can be turned off.
 """
 
 import logging
@@ -32,6 +31,8 @@ COMPILE_CACHE = Path.home() / ".cache" / "ldm" / "torchinductor"
 
 @dataclass(frozen=True)
 class Acceleration:
+    """The speed and memory options of a run (the scripts' flags of the same names)."""
+
     compile: bool = False
     cuda_graph: bool = False
     attention_slicing: int = 0  # query tokens per attention call; 0: all at once
