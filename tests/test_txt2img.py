@@ -128,6 +128,8 @@ def test_the_safety_checker_replaces_what_it_flags_and_says_so(tmp_path, tiny_ch
     (["--outdir", "A_FILE/out"], "not a directory"),
     (["--seed", "-1"], "--seed must be between"),
     (["--laion400m"], "LAION-400M"),
+    (["--cuda_graph"], "--cuda_graph needs a CUDA device"),
+    (["--attention_slicing", "-1"], "--attention_slicing must be 0 (off) or a positive"),
     ([], "no safety checker weights found"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(change, message, tmp_path, tiny_checkpoint, capsys,
@@ -144,6 +146,13 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(change, message, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_speed_and_memory_flags_run(tmp_path, tiny_checkpoint):
+    argv = tiny_run(tmp_path, tiny_checkpoint, "--precision", "bf16", "--attention_slicing", "8", "--vae_slicing",
+                    "--no-winograd", "--no-cuda_graph", "--no_safety_checker", "--skip_grid")
+    assert txt2img.main(argv) == 0
+    assert len(list((tmp_path / "samples").glob("*.png"))) == 2
 
 
 def test_as_a_user_runs_it(tmp_path, tiny_checkpoint):
