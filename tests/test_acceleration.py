@@ -137,6 +137,18 @@ def test_cuda_graph_replays_equal_eager_and_outputs_survive_later_calls(tiny_mod
         assert relative_error(output, reference) < FLOAT32_RELATIVE
 
 
+def test_on_the_cpu_the_unet_goes_channels_last_with_winograd_and_computes_the_same(tiny_model):
+    model = copy.deepcopy(tiny_model)
+    x, t, context = unet_inputs(model)
+    with torch.no_grad():
+        before = model.apply_model(x, t, context)
+        accelerate(model, Acceleration())
+        after = model.apply_model(x, t, context)
+    unet = model.model.diffusion_model
+    assert unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(after, before) < FLOAT32_RELATIVE
+
+
 def test_winograd_can_be_turned_off_to_save_memory(tiny_model):
     model = copy.deepcopy(tiny_model)
     accelerate(model, Acceleration(winograd=False))

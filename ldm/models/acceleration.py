@@ -8,8 +8,9 @@
 * ``attention_slicing``: attention over at most that many query tokens at a time (less memory on small cards).
 * ``vae_slicing``: decode one image at a time (see :func:`ldm.generation.decode_images`).
 * ``winograd`` (on by default): in float32 CPU inference the wide 3×3 convolutions compute by Winograd's
-  F(2×2, 3×3) (:mod:`ldm.modules.winograd`); the transformed kernels take 16/9 the memory of those weights
-  (3.7 GB more for the SD v1 UNet in float32), so it can be turned off.
+  F(2×2, 3×3) (:mod:`ldm.modules.winograd`), and the UNet's weights are kept channels_last to match its
+  results; the transformed kernels take 16/9 the memory of those weights (3.7 GB more for the SD v1 UNet in
+  float32), so it can be turned off.
 """
 
 import logging
@@ -54,6 +55,10 @@ def accelerate(model: nn.Module, acceleration: Acceleration) -> None:
     set_attention_slicing(model, acceleration.attention_slicing)
     set_winograd(model, acceleration.winograd)
     wrapper = model.model
+    if acceleration.winograd and next(wrapper.parameters()).device.type == "cpu":
+        # Winograd's results come channels_last; with the UNet's other convolutions channels_last as well, no layer
+        # reorders its input (a UNet step at 512×512 measured 7 % faster, 4 of 4 alternating runs).
+        wrapper.diffusion_model.to(memory_format=torch.channels_last)
     if acceleration.compile:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
         if acceleration.cuda_graph:

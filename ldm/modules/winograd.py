@@ -46,33 +46,39 @@ def winograd_conv3x3(x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor |
                      max_pixels: int = MAX_PIXELS_PER_CALL) -> torch.Tensor:
     """conv2d(x, weight, bias, padding=1) for x (B, C_in, H, W) with H, W even; ``kernel`` from
     :func:`transform_kernel`. Computed in pieces of at most ``max_pixels`` output pixels (whole images, or bands
-    of an even number of rows)."""
+    of an even number of rows).
+
+    Works in (B, H, W, C) order, where each tile's channels are contiguous; the result is returned channels_last
+    (a (B, C_out, H, W) view of (B, H, W, C_out) memory), which the following layers take as it is.
+    """
     batch, _, height, width = x.shape
-    padded = F.pad(x, (1, 1, 1, 1))
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # (B, H + 2, W + 2, C_in)
     if batch * height * width <= max_pixels:
         out = _convolve_padded(padded, kernel)
     else:
         images = max(1, max_pixels // (height * width))
         rows = height if images > 1 else max(2, max_pixels // width // 2 * 2)
-        out = x.new_empty(batch, kernel.shape[2], height, width)
+        out = x.new_empty(batch, height, width, kernel.shape[2])
         for first_image in range(0, batch, images):
             for first_row in range(0, height, rows):
-                piece = padded[first_image:first_image + images, :, first_row:first_row + rows + 2]
-                out[first_image:first_image + images, :, first_row:first_row + rows] = _convolve_padded(piece, kernel)
-    return out if bias is None else out.add_(bias[:, None, None])
+                piece = padded[first_image:first_image + images, first_row:first_row + rows + 2]
+                out[first_image:first_image + images, first_row:first_row + rows] = _convolve_padded(piece, kernel)
+    if bias is not None:
+        out.add_(bias)
+    return out.permute(0, 3, 1, 2)
 
 
 def _convolve_padded(padded: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """The 3×3 'valid' convolution of an input padded by one pixel: (B, C_in, H + 2, W + 2) → (B, C_out, H, W)."""
-    batch, in_channels = padded.shape[:2]
-    rows, cols = (padded.shape[2] - 2) // 2, (padded.shape[3] - 2) // 2
+    """The 3×3 'valid' convolution of an input padded by one pixel: (B, H + 2, W + 2, C_in) → (B, H, W, C_out)."""
+    batch, in_channels = padded.shape[0], padded.shape[3]
+    rows, cols = (padded.shape[1] - 2) // 2, (padded.shape[2] - 2) // 2
     out_channels = kernel.shape[2]
-    tiles = padded.unfold(2, 4, 2).unfold(3, 4, 2)  # (B, C_in, rows, cols, 4, 4), overlapping by two pixels
-    d = tiles.permute(4, 5, 0, 2, 3, 1).reshape(16, -1)
+    tiles = padded.unfold(1, 4, 2).unfold(2, 4, 2)  # (B, rows, cols, C_in, 4, 4), overlapping by two pixels
+    d = tiles.permute(4, 5, 0, 1, 2, 3).reshape(16, -1)
     v = (_INPUT_TRANSFORM.to(padded) @ d).view(16, batch * rows * cols, in_channels)
     m = torch.bmm(v, kernel)  # (16, tiles, C_out)
     y = (_OUTPUT_TRANSFORM.to(padded) @ m.view(16, -1)).view(2, 2, batch, rows, cols, out_channels)
-    return y.permute(2, 5, 3, 0, 4, 1).reshape(batch, out_channels, 2 * rows, 2 * cols)
+    return y.permute(2, 3, 0, 4, 1, 5).reshape(batch, 2 * rows, 2 * cols, out_channels)
 
 
 class Conv3x3(nn.Conv2d):
