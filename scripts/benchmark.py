@@ -13,7 +13,8 @@ graphs, mode "reduce-overhead"), ours set up by ldm.models.acceleration as the s
   and an explicit loop);
 * on CUDA, the peak allocated memory of each (both sides' weights stay on the device: they count alike).
 
-UNet throughput is the network's FLOPs (torch.utils.flop_counter on diffusers' UNet) over time, and a share of ``--peak_tflops`` when given.
+UNet throughput is the network's FLOPs (torch.utils.flop_counter on diffusers' UNet) over time, and a share of
+``--peak_tflops`` when given.
 GPU times come from CUDA events, CPU times from perf_counter: after warm-up, ``--repeats`` calls alternating
 between ours and diffusers' (a slow spell of a shared machine falls on both), the median of each side's.
 A variant that fails (compile error, out of memory) is reported and skipped; measurements that would start
@@ -284,8 +285,10 @@ class Runner:
             print(f"skipped {what}: the --budget_s of {self.args.budget_s:g} s is spent")
             return [(None, None), (None, None)]
         sides = {"ours": ours, "diffusers": theirs}
-        samples = {side: [] for side in sides
-                   if self.attempt(f"{what} ({side})", lambda fn=sides[side]: [fn() for _ in range(warmup)]) is not None}
+        samples = {}
+        for side, fn in sides.items():
+            if self.attempt(f"{what} ({side})", lambda: [fn() for _ in range(warmup)]) is not None:
+                samples[side] = []
         for _ in range(self.args.repeats):
             for side in list(samples):
                 result = self.attempt(f"{what} ({side})", lambda: timed_call(sides[side], self.args.device))

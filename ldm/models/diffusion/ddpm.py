@@ -242,7 +242,7 @@ class LatentDiffusion(DDPM):
 
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, C, h, w) → image (B, 3, h·f, w·f), roughly in [−1, 1], in the autoencoder's dtype."""
+        """Scaled latents (B, C, h, w) → image (B, 3, h·f, w·f) in the autoencoder's dtype, roughly in [−1, 1]."""
         return self.first_stage_model.decode((z / self.scale_factor).to(self.first_stage_dtype))
 
     @property
