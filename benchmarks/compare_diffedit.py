@@ -16,12 +16,11 @@ import yaml
 from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionDiffEditPipeline
 from PIL import Image
 
-from ldm.editing.diffedit import diffedit, estimate_mask
-from ldm.generation import encode_images, load_image
-from ldm.models.diffusers_interop import diffusers_unet, diffusers_vae, transformers_text_encoder
-from ldm.models.diffusion.dpm_solver import DPMSolverSampler
-from ldm.models.loading import build_model, load_model
+from ldm.editing.diffedit import estimate_mask
+from ldm.generation import Geometry, Pipeline, encode_images, load_image
+from ldm.models.loading import build_model, load_config, load_model
 from ldm.modules.encoders.modules import clip_tokenizer
+from ldm.testing.diffusers_interop import diffusers_unet, diffusers_vae, transformers_text_encoder
 from ldm.util import randomize_parameters_
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,8 +58,8 @@ def main() -> None:
     torch.set_grad_enabled(False)
     model = (load_model(args.config, args.ckpt) if args.ckpt else randomize_parameters_(build_model(args.config))).eval()
     pipe = diffusers_pipeline(model, yaml.safe_load(Path(args.config).read_text()))
-    sampler = DPMSolverSampler(model)
-    image = load_image(args.image, 64)
+    pipeline = Pipeline(model, Geometry.of(load_config(args.config)), sampler="dpm_solver")
+    image = load_image(args.image, pipeline.geometry.multiple)
     pil = Image.open(args.image).convert("RGB").resize(tuple(reversed(image.shape[-2:])))
     ours_calls, theirs_calls = count_calls(model.model.diffusion_model), count_calls(pipe.unet)
 
@@ -68,9 +67,9 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     latent = encode_images(model, image, generator)
     src, dst = (model.get_learned_conditioning([p]) for p in (args.source, args.target))
-    ours_mask = estimate_mask(model, sampler, latent, src, dst, generator=generator).bool()
+    ours_mask = estimate_mask(pipeline.sampler, latent, src, dst, generator=generator).bool()
     mask_calls = ours_calls[0]
-    ours_edit = diffedit(model, sampler, image, args.source, args.target, mask=ours_mask.float())
+    ours_edit = pipeline.diffedit(image, args.source, args.target, mask=ours_mask.float(), generator=generator)
     ours_seconds = time.perf_counter() - start
 
     start = time.perf_counter()

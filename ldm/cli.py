@@ -1,7 +1,9 @@
-"""Command-line plumbing shared by the scripts: the original's flags, checks on them, and clean exits.
+"""Command-line plumbing shared by the scripts: the original's flags, checks on them, the pipeline they ask for,
+the batch loop, and clean exits.
 
-Anything a user can get wrong raises :class:`ldm.util.InputError`; :func:`clean_exit` turns it into one line
-on stderr and exit code 2, before anything is written.
+Anything a user can get wrong raises :class:`ldm.util.InputError` (a file, a config) or
+:class:`ldm.util.ParameterError` (a value, named as the library names it); :func:`clean_exit` turns either into
+one line on stderr, naming the flag, and exit code 2, before anything is written.
 """
 
 import argparse
@@ -11,16 +13,35 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
-from ldm.generation import DEVICES, PRECISIONS
+from ldm.generation import DEVICES, PRECISIONS, Generated, Pipeline
 from ldm.models.acceleration import Acceleration
-from ldm.output import check_writable
-from ldm.util import InputError
+from ldm.output import RunOutput, check_writable
+from ldm.util import InputError, ParameterError, check_seed, seed_everything
 
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
+
+# The library's parameter names → the flags that set them (the same in every script).
+PARAMETER_FLAGS = {
+    "prompts": "--prompt", "steps": "--ddim_steps", "scale": "--scale", "eta": "--ddim_eta", "height": "--H",
+    "width": "--W", "latent_channels": "--C", "factor": "--f", "strength": "--strength", "seed": "--seed",
+    "device": "--device", "precision": "--precision", "safety_checker": "--safety_checker",
+    "cuda_graph": "--cuda_graph", "compile": "--compile", "attention_slicing": "--attention_slicing",
+    "images": "--init-img", "encode_ratio": "--encode_ratio", "encode_type": "--encode_type",
+    "n_samples": "--n_samples", "noise": "--fixed_code", "x_T": "--fixed_code",
+}
+# What the command line adds to a parameter's message.
+FLAG_HINTS = {"safety_checker": "with --no_safety_checker"}
+
+
+def flag_message(error: ParameterError) -> str:
+    """The library's message with the flag's name in place of the parameter's."""
+    message = f"{PARAMETER_FLAGS.get(error.parameter, error.parameter)} {error.problem}"
+    return f"{message} {FLAG_HINTS[error.parameter]}" if error.parameter in FLAG_HINTS else message
 
 
 def clean_exit(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
@@ -33,6 +54,9 @@ def clean_exit(main: Callable[[list[str] | None], int]) -> Callable[[list[str] |
             return main(argv)
         except InputError as error:
             print(f"error: {error}", file=sys.stderr)
+            return 2
+        except ParameterError as error:
+            print(f"error: {flag_message(error)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("interrupted; files already written are complete, nothing half-written was left", file=sys.stderr)
@@ -97,11 +121,33 @@ def add_extra_arguments(parser: argparse.ArgumentParser) -> None:
                             "transformed kernels (+3.7 GB for SD v1)")
 
 
-def acceleration_from_args(args: argparse.Namespace, device: torch.device) -> Acceleration:
-    """The speed flags, with --cuda_graph on by default where there is CUDA."""
-    cuda_graph = device.type == "cuda" if args.cuda_graph is None else args.cuda_graph
-    return Acceleration(compile=args.compile, cuda_graph=cuda_graph, attention_slicing=args.attention_slicing,
+def acceleration_from_args(args: argparse.Namespace) -> Acceleration:
+    """The speed flags (without --cuda_graph / --no-cuda_graph: on where there is CUDA)."""
+    return Acceleration(compile=args.compile, cuda_graph=args.cuda_graph, attention_slicing=args.attention_slicing,
                         vae_slicing=args.vae_slicing, winograd=args.winograd)
+
+
+def pipeline_from_args(args: argparse.Namespace, config: DictConfig, sampler: str) -> Pipeline:
+    """The pipeline the model, device, precision, safety and speed flags ask for; then the global RNG is seeded
+    with --seed (the one seeding of a run: see :mod:`ldm.generation`)."""
+    checker = False if args.no_safety_checker else args.safety_checker or True
+    pipeline = Pipeline.from_config(config, args.ckpt, device=args.device, precision=args.precision,
+                                    sampler=sampler, safety_checker=checker,
+                                    acceleration=acceleration_from_args(args))
+    seed_everything(args.seed)
+    return pipeline
+
+
+def run_batches(args: argparse.Namespace, batches: list[list[str]], output: RunOutput,
+                make_images: Callable[[list[str]], Generated]) -> None:
+    """The original's loop: --n_iter times every prompt batch, each batch's images saved as it comes, the grid
+    and the closing message at the end."""
+    with tqdm(total=args.n_iter * len(batches), desc="Sampling", unit="batch") as progress:
+        for _ in range(args.n_iter):
+            for prompts in batches:
+                output.add(*make_images(prompts), prompts)
+                progress.update()
+    print(output.close(args.n_rows or args.n_samples))
 
 
 def sampler_name(args: argparse.Namespace) -> str:
@@ -125,6 +171,7 @@ def check_common(args: argparse.Namespace) -> None:
     if args.ddim_eta != 0 and sampler_name(args) != "ddim":
         raise InputError(f"--ddim_eta must be 0 with {'--dpm_solver' if args.dpm_solver else '--plms'} "
                          "(only DDIM samples stochastically)")
+    check_seed(args.seed)
     check_writable(args.outdir)
 
 

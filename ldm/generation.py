@@ -1,22 +1,34 @@
-"""What txt2img, img2img and DiffEdit share: device and precision, the model with its sampler, prompts to
-conditioning, images to latents and back, and the safety check."""
+"""One road from prompts to checked images: :class:`Pipeline` loads a model once and makes txt2img, img2img and
+DiffEdit images with it; the scripts only parse flags, call it and write files.
+
+Randomness (one regime for every entry point). Each draw (start codes, img2img and DiffEdit noise, DDIM's
+η-noise, the VAE posterior sample) comes from the ``generator`` a call is given; without one, from the global
+RNG, as the original: noise on the model's device, the VAE posterior sample on the CPU. The scripts seed the
+global RNG once per run (``seed_everything(--seed)``, after the model is loaded) and then draw exactly what the
+original draws, in its order — including DDIM's and PLMS's per-step draws that are multiplied by σ = 0 — so a
+seed gives the original's pictures in every batch and iteration of a run, not only the first.
+"""
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
+from ldm.editing.diffedit import edit_latent, estimate_mask, resize_mask
 from ldm.models.acceleration import Acceleration, accelerate
-from ldm.models.diffusion.samplers import make_sampler
-from ldm.models.loading import load_model
-from ldm.safety import MISSING_CHECKER, SafetyChecker, cached_checker_dir
-from ldm.util import InputError
+from ldm.models.diffusion.dpm_solver import DPMSolverSampler
+from ldm.models.diffusion.samplers import SAMPLERS, Sampler, make_sampler
+from ldm.models.diffusion.sampling_util import StepCallback
+from ldm.models.loading import load_config, load_model
+from ldm.safety import CHECKER_REPO, SafetyChecker, cached_checker_dir
+from ldm.util import InputError, ParameterError
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +37,10 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 WEIGHT_DTYPES = {"full": torch.float32, "autocast": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str | torch.device) -> torch.device:
     """``auto`` picks CUDA, then Apple's MPS, then the CPU; an explicit device must exist."""
+    if isinstance(name, torch.device):
+        name = name.type
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -35,9 +49,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if name not in available:
-        raise InputError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
+        raise ParameterError("device", f"must be one of {', '.join(DEVICES)}, got {name!r}")
     if not available[name]:
-        raise InputError(f"--device {name} was asked for but this machine has no {name.upper()} device")
+        raise ParameterError("device", f"{name} was asked for but this machine has no {name.upper()} device")
     return torch.device(name)
 
 
@@ -48,7 +62,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     ``fp16`` / ``bf16`` weights and activations in that type (the sampler's latents stay float32).
     """
     if precision not in PRECISIONS:
-        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise ParameterError("precision", f"must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
         return "fp16" if device.type in ("cuda", "mps") else "full"
     return precision
@@ -70,25 +84,30 @@ class Geometry:
     latent_channels: int
     factor: int  # pixels per latent pixel (the autoencoder's downsampling)
     multiple: int  # image sides must be multiples of this for the UNet's skip connections to line up
+    native_size: int  # the side, in pixels, the model was trained at (512 for SD v1)
 
     @classmethod
     def of(cls, config: DictConfig) -> "Geometry":
         params = config.model.params
         factor = 2 ** (len(params.first_stage_config.params.ddconfig.ch_mult) - 1)
         levels = len(params.unet_config.params.get("channel_mult", (1, 2, 4, 8)))
+        latent_size = params.get("image_size", params.unet_config.params.get("image_size", 64))
         return cls(params.get("channels", params.unet_config.params.in_channels), factor,
-                   factor * 2 ** (levels - 1))
+                   factor * 2 ** (levels - 1), latent_size * factor)
 
     def check(self, height: int, width: int, channels: int | None = None, factor: int | None = None) -> None:
         if channels is not None and channels != self.latent_channels:
-            raise InputError(f"--C {channels} does not match the model's {self.latent_channels} latent channels")
+            raise ParameterError("latent_channels", f"{channels} does not match the model's {self.latent_channels} "
+                                 "latent channels")
         if factor is not None and factor != self.factor:
-            raise InputError(f"--f {factor} does not match the model's downsampling factor {self.factor}")
-        if height <= 0 or width <= 0 or height % self.multiple or width % self.multiple:
-            raise InputError(f"--H and --W must be positive multiples of {self.multiple} for this model, "
-                             f"got {height}×{width}")
+            raise ParameterError("factor", f"{factor} does not match the model's downsampling factor {self.factor}")
+        for name, side in (("height", height), ("width", width)):
+            if side <= 0 or side % self.multiple:
+                raise ParameterError(name, f"must be a positive multiple of {self.multiple} for this model, got "
+                                     f"{side}")
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        self.check(height, width)
         return self.latent_channels, height // self.factor, width // self.factor
 
 
@@ -126,94 +145,245 @@ def _decode_finite(model, latents: torch.Tensor) -> torch.Tensor:
         vae.to(dtype)
 
 
-def load_image(path: str | Path, multiple: int) -> torch.Tensor:
-    """An image file as (1, 3, H, W) in [−1, 1], its sides rounded down to multiples of ``multiple`` (LANCZOS).
+def image_to_tensor(image: Image.Image, multiple: int, name: str = "image") -> torch.Tensor:
+    """A PIL image as (1, 3, H, W) in [−1, 1], its sides rounded down to multiples of ``multiple`` (LANCZOS).
 
     The original rounds to multiples of 32, which the UNet cannot take; the change in size is logged.
     """
-    try:
-        image = Image.open(path).convert("RGB")
-    except FileNotFoundError:
-        raise InputError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise InputError(f"{path} is not an image the Python Imaging Library can read ({error})") from None
+    image = image.convert("RGB")
     width, height = (side - side % multiple for side in image.size)
     if width == 0 or height == 0:
-        raise InputError(f"{path} is {image.width}×{image.height}; both sides must be at least {multiple}")
+        raise InputError(f"{name} is {image.width}×{image.height}; both sides must be at least {multiple}")
     if (width, height) != image.size:
-        logger.info("resizing %s from %d×%d to %d×%d (multiples of %d)", Path(path).name, *image.size, width,
-                    height, multiple)
+        logger.info("resizing %s from %d×%d to %d×%d (multiples of %d)", name, *image.size, width, height, multiple)
     array = np.asarray(image.resize((width, height), resample=Image.LANCZOS), dtype=np.float32) / 255.0
     return 2.0 * torch.from_numpy(array).permute(2, 0, 1)[None] - 1.0
 
 
-def load_safety_checker(config: DictConfig, directory: str | Path | None, disabled: bool,
-                        device: torch.device) -> SafetyChecker | None:
-    """The checker the user gave, else the Hugging Face cache's copy; refuse to go on without one unless the
-    user said ``--no_safety_checker`` or the model's config says it needs none (``safety_checker: false``)."""
+def open_image(path: str | Path, what: str = "image") -> Image.Image:
+    """An image file, read whole; a missing or unreadable one is an :class:`InputError` naming ``what`` it is."""
+    try:
+        image = Image.open(path)
+        image.load()
+    except FileNotFoundError:
+        raise InputError(f"{what} {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise InputError(f"{what} {path} is not an image the Python Imaging Library can read ({error})") from None
+    return image
+
+
+def load_image(path: str | Path, multiple: int) -> torch.Tensor:
+    """An image file as (1, 3, H, W) in [−1, 1] (see :func:`image_to_tensor`)."""
+    return image_to_tensor(open_image(path), multiple, Path(path).name)
+
+
+def load_safety_checker(config: DictConfig, checker: bool | str | Path, device: torch.device
+                        ) -> SafetyChecker | None:
+    """``checker``: a directory with the checker's weights, True for the Hugging Face cache's copy (refused if
+    there is none), False for none. A model whose config says ``safety_checker: false`` needs none."""
     if not config.get("safety_checker", True):
         logger.info("this model's config says it needs no safety checker")
         return None
-    if disabled:
-        logger.warning("the safety checker is disabled (--no_safety_checker)")
+    if checker is False:
+        logger.warning("the safety checker is disabled")
         return None
-    directory = directory or cached_checker_dir()
+    directory = cached_checker_dir() if checker is True else checker
     if directory is None:
-        raise InputError(MISSING_CHECKER)
+        raise ParameterError("safety_checker", f"has no weights: no safety checker weights found in the Hugging "
+                             f"Face cache; give a local copy of {CHECKER_REPO} in diffusers format (fetched with "
+                             f"`huggingface-cli download {CHECKER_REPO}` where there is network), or turn it off")
     return SafetyChecker(directory, device)
 
 
-class Pipeline:
-    """A loaded model, its sampler and the per-batch steps around sampling."""
+class Generated(NamedTuple):
+    """Images (B, 3, H, W) in [0, 1] on the CPU, those the safety checker flagged replaced, and how many it flagged."""
 
-    def __init__(self, model, sampler_name: str, device: torch.device, precision: str,
-                 safety_checker: SafetyChecker | None = None, acceleration: Acceleration = Acceleration()):
+    images: torch.Tensor
+    flagged: int
+
+
+class Edited(NamedTuple):
+    """DiffEdit's result: :class:`Generated`'s two fields and the mask used, (h, w) at latent resolution, 1 = edited."""
+
+    images: torch.Tensor
+    flagged: int
+    mask: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ImageLatents:
+    """Images encoded once by :meth:`Pipeline.encode` (one posterior sample), to reuse across img2img calls."""
+
+    latents: torch.Tensor  # (B, C, h, w) float32, scaled
+
+
+ImageInput = torch.Tensor | Image.Image
+
+
+class Pipeline:
+    """A loaded model with its sampler: prompts (and images) in, checked images out.
+
+    Load once with :meth:`from_config`, then call :meth:`txt2img`, :meth:`img2img` and :meth:`diffedit` as often as
+    needed. Every call runs without gradients, at the pipeline's precision; see the module docstring for seeds.
+    """
+
+    def __init__(self, model, geometry: Geometry, *, sampler: str = "ddim", device: torch.device | None = None,
+                 precision: str = "full", safety_checker: SafetyChecker | None = None,
+                 acceleration: Acceleration = Acceleration(cuda_graph=False)):
         self.model = model
-        self.sampler = make_sampler(sampler_name, model)
-        self.sampler_name = sampler_name
-        self.device = device
-        self.precision = resolve_precision(precision, device)
+        self.geometry = geometry
+        self.sampler_name = sampler
+        self.sampler: Sampler = make_sampler(sampler, model)
+        self.device = model.device if device is None else device
+        self.precision = resolve_precision(precision, self.device)
         self.safety_checker = safety_checker
         self.acceleration = acceleration
 
     @classmethod
-    def load(cls, config: DictConfig, ckpt: str | Path, device: torch.device, precision: str, sampler_name: str,
-             safety_checker: SafetyChecker | None = None, acceleration: Acceleration = Acceleration()
-             ) -> "Pipeline":
-        """Load the checkpoint straight into the precision's weight dtype, then apply ``acceleration``."""
-        acceleration.check(device)
-        dtype = WEIGHT_DTYPES[resolve_precision(precision, device)]
-        model = load_model(config, ckpt, device=device, dtype=dtype)
+    def from_config(cls, config: str | Path | DictConfig, ckpt: str | Path, *, device: str | torch.device = "auto",
+                    precision: str = "auto", sampler: str = "ddim", safety_checker: bool | str | Path = True,
+                    acceleration: Acceleration = Acceleration()) -> "Pipeline":
+        """Load ``ckpt`` into the model ``config`` describes, straight into the precision's weight dtype.
+
+        ``safety_checker``: a directory with its weights, True for the Hugging Face cache's copy, False for none.
+        Everything that needs no weights (config, device, precision, sampler, acceleration, the checker's
+        files) is checked before the checkpoint is read. Where the config keeps EMA weights, they are used.
+        """
+        config = load_config(config)
+        geometry = Geometry.of(config)
+        device = resolve_device(device)
+        precision = resolve_precision(precision, device)
+        if sampler not in SAMPLERS:
+            raise ParameterError("sampler", f"must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        acceleration = acceleration.for_device(device)
+        checker = load_safety_checker(config, safety_checker, device)
+        model = load_model(config, ckpt, device=device, dtype=WEIGHT_DTYPES[precision])
+        if model.use_ema:
+            model.model_ema.copy_to(model.model)
         accelerate(model, acceleration)
-        return cls(model, sampler_name, device, precision, safety_checker, acceleration)
+        return cls(model, geometry, sampler=sampler, device=device, precision=precision, safety_checker=checker,
+                   acceleration=acceleration)
+
+    def txt2img(self, prompts: str | Sequence[str], *, steps: int = 50, scale: float = 7.5,
+                negative_prompt: str = "", eta: float = 0.0, height: int | None = None, width: int | None = None,
+                x_T: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                callback: StepCallback | None = None, verbose: bool = False) -> Generated:
+        """One image per prompt, ``height`` × ``width`` pixels (default: the model's native size).
+
+        ``x_T``: the start code (batch 1, or at least one per prompt: the first ones are used), drawn when None.
+        """
+        prompts = _prompt_list(prompts)
+        shape = self.geometry.latent_shape(height or self.geometry.native_size, width or self.geometry.native_size)
+        with self._scope():
+            c, uc = self._conditioning(prompts, negative_prompt, scale)
+            latents, _ = self.sampler.sample(S=steps, batch_size=len(prompts), shape=shape, conditioning=c,
+                                             callback=callback, eta=eta, verbose=verbose,
+                                             x_T=_first(x_T, len(prompts), "x_T"), unconditional_guidance_scale=scale,
+                                             unconditional_conditioning=uc, generator=generator)
+            return self._checked_images(latents)
+
+    def encode(self, images: ImageInput, generator: torch.Generator | None = None) -> ImageLatents:
+        """Images (B, 3, H, W) in [−1, 1], or a PIL image, as latents: one VAE posterior sample."""
+        with self._scope():
+            return ImageLatents(encode_images(self.model, self._image_tensor(images), generator))
+
+    def img2img(self, images: ImageInput | ImageLatents, strength: float, prompts: str | Sequence[str], *,
+                steps: int = 50, scale: float = 5.0, negative_prompt: str = "", eta: float = 0.0,
+                noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                callback: StepCallback | None = None, verbose: bool = False) -> Generated:
+        """Each prompt's image drawn from ``images`` noised to ``strength`` ∈ [0, 1] (1: nothing of it is kept).
+
+        ``images``: as for :meth:`encode` (encoded on each call), or :meth:`encode`'s result to reuse one posterior
+        sample across calls, as the original script does; batch 1, or at least one per prompt. ``noise``: the
+        noise added to the latents (same batch rule), drawn when None.
+        """
+        prompts = _prompt_list(prompts)
+        init = images if isinstance(images, ImageLatents) else self.encode(images, generator)
+        with self._scope():
+            c, uc = self._conditioning(prompts, negative_prompt, scale)
+            n = len(prompts)
+            latents = self.sampler.img2img(_first(init.latents, n, "images"), strength, steps, c,
+                                           unconditional_guidance_scale=scale, unconditional_conditioning=uc, eta=eta,
+                                           noise=_first(noise, n, "noise"), generator=generator, callback=callback,
+                                           verbose=verbose)
+            return self._checked_images(latents)
+
+    def diffedit(self, image: ImageInput, source_prompt: str, target_prompt: str, *,
+                 mask: Image.Image | torch.Tensor | np.ndarray | None = None, steps: int = 20, scale: float = 7.5,
+                 encode_ratio: float = 0.6, encode_type: str = "stochastic", negative_prompt: str = "",
+                 n_samples: int = 1, generator: torch.Generator | None = None, verbose: bool = False) -> Edited:
+        """Edit ``image`` from ``source_prompt`` to ``target_prompt`` with DPM-Solver++ (:mod:`ldm.editing.diffedit`).
+
+        ``mask=None`` estimates the mask from the two prompts (DiffEdit); a user mask (any size, white or 1 =
+        edit) makes this plain mask inpainting. ``n_samples`` edits of the same image come back.
+        """
+        if n_samples < 1:
+            raise ParameterError("n_samples", f"must be a positive integer, got {n_samples}")
+        sampler = self.sampler if isinstance(self.sampler, DPMSolverSampler) else DPMSolverSampler(self.model)
+        pixels = self._image_tensor(image)
+        with self._scope():
+            src_cond, uncond = self._conditioning([source_prompt], negative_prompt, scale)
+            dst_cond = self.model.get_learned_conditioning([target_prompt])
+            init_latent = encode_images(self.model, pixels, generator)
+            if mask is None:
+                latent_mask = estimate_mask(sampler, init_latent, src_cond, dst_cond, generator=generator)
+            else:
+                latent_mask = resize_mask(mask, tuple(init_latent.shape[-2:]))
+            latents, _ = edit_latent(sampler, init_latent.expand(n_samples, *init_latent.shape[1:]), latent_mask,
+                                     src_cond, dst_cond, uncond, encode_ratio, steps, encode_type, scale, generator,
+                                     verbose)
+            return Edited(*self._checked_images(latents), latent_mask.cpu())
+
+    def initial_noise(self, batch_size: int, height: int | None = None, width: int | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """A start code for ``batch_size`` images (the original's ``--fixed_code``), on the model's device."""
+        shape = self.geometry.latent_shape(height or self.geometry.native_size, width or self.geometry.native_size)
+        return torch.randn((batch_size, *shape), generator=generator, device=self.device)
 
     @contextlib.contextmanager
-    def scope(self) -> Iterator[None]:
-        """No gradients, the chosen precision, and the EMA weights where the config uses them."""
-        with (torch.no_grad(), precision_scope(self.precision, self.device, self.acceleration.cuda_graph),
-              self.model.ema_scope()):
+    def _scope(self) -> Iterator[None]:
+        with torch.no_grad(), precision_scope(self.precision, self.device, self.acceleration.cuda_graph):
             yield
 
-    def conditioning(self, prompts: list[str], negative_prompt: str, scale: float
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _conditioning(self, prompts: list[str], negative_prompt: str, scale: float
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(c, uc): the prompts' features and, when guidance is on (scale ≠ 1), the negative prompt's."""
+        if not (math.isfinite(scale) and scale >= 0):
+            raise ParameterError("scale", f"must be a non-negative finite number, got {scale}")
         uc = self.model.get_learned_conditioning(len(prompts) * [negative_prompt]) if scale != 1.0 else None
         return self.model.get_learned_conditioning(prompts), uc
 
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return encode_images(self.model, images, generator)
+    def _image_tensor(self, images: ImageInput) -> torch.Tensor:
+        if isinstance(images, Image.Image):
+            return image_to_tensor(images, self.geometry.multiple)
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ParameterError("images", f"must be (B, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
+        for name, side in zip(("height", "width"), images.shape[-2:]):
+            if side % self.geometry.multiple:
+                raise ParameterError("images", f"{name} must be a multiple of {self.geometry.multiple}, got {side}")
+        return images
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return decode_images(self.model, latents, self.acceleration.vae_slicing)
-
-    def to_images(self, latents: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Latents → checked images in [0, 1] (flagged ones replaced) and how many were flagged."""
-        return self.check_safety(self.decode(latents))
-
-    def check_safety(self, images: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Images with flagged ones replaced, and how many were flagged."""
+    def _checked_images(self, latents: torch.Tensor) -> Generated:
+        images = decode_images(self.model, latents, self.acceleration.vae_slicing)
         if self.safety_checker is None:
-            return images, 0
+            return Generated(images, 0)
         images, flags = self.safety_checker(images)
-        return images, sum(flags)
+        return Generated(images, sum(flags))
 
+
+def _prompt_list(prompts: str | Sequence[str]) -> list[str]:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ParameterError("prompts", "must hold at least one prompt")
+    return prompts
+
+
+def _first(tensor: torch.Tensor | None, n: int, name: str) -> torch.Tensor | None:
+    """The first ``n`` of a batch (the original's short last batch), or a batch of one repeated ``n`` times."""
+    if tensor is None or len(tensor) == n:
+        return tensor
+    if len(tensor) == 1:
+        return tensor.expand(n, *tensor.shape[1:])
+    if len(tensor) < n:
+        raise ParameterError(name, f"has a batch of {len(tensor)}, fewer than the {n} prompts")
+    return tensor[:n]

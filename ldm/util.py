@@ -33,17 +33,6 @@ def instantiate_from_config(config: Mapping | str) -> Any:
     return get_obj_from_str(config["target"])(**config.get("params", dict()))
 
 
-def exists(value: Any) -> bool:
-    return value is not None
-
-
-def default(value: Any, fallback: Any) -> Any:
-    """``value`` unless it is None, else ``fallback`` (called if callable)."""
-    if exists(value):
-        return value
-    return fallback() if callable(fallback) else fallback
-
-
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -68,13 +57,28 @@ def randomize_parameters_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Mo
 
 
 class InputError(Exception):
-    """Something the user supplied (a file, a flag, a config) is wrong; the message says what, in one line."""
+    """Something the user supplied (a file, a config, an image) is wrong; the message says what, in one line."""
+
+
+class ParameterError(ValueError):
+    """An argument's value is wrong: ``parameter`` names the argument (as the library spells it), ``problem``
+    says what is wrong with it. The command line (:mod:`ldm.cli`) shows the flag's name instead."""
+
+    def __init__(self, parameter: str, problem: str):
+        super().__init__(f"{parameter} {problem}")
+        self.parameter = parameter
+        self.problem = problem
+
+
+def check_seed(seed: int) -> int:
+    if not 0 <= seed <= 2 ** 32 - 1:
+        raise ParameterError("seed", f"must be between 0 and {2 ** 32 - 1}, got {seed}")
+    return seed
 
 
 def seed_everything(seed: int) -> int:
     """Seed Python, NumPy and torch (CPU and every CUDA device), as PyTorch Lightning's ``seed_everything``."""
-    if not 0 <= seed <= 2 ** 32 - 1:
-        raise InputError(f"--seed must be between 0 and {2 ** 32 - 1}, got {seed}")
+    check_seed(seed)
     os.environ["PL_GLOBAL_SEED"] = str(seed)
     random.seed(seed)
     np.random.seed(seed)

@@ -9,14 +9,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from ldm.cli import acceleration_from_args, add_checkpoint_arguments, add_extra_arguments, clean_exit
-from ldm.editing.diffedit import ENCODE_TYPES, diffedit, mask_image
-from ldm.generation import Geometry, Pipeline, load_image, load_safety_checker, resolve_device
+from ldm.cli import add_checkpoint_arguments, add_extra_arguments, clean_exit, pipeline_from_args
+from ldm.editing.diffedit import ENCODE_TYPES, mask_image
+from ldm.generation import Geometry, load_image, open_image
 from ldm.models.loading import load_config
 from ldm.output import ImageWriter, check_writable, to_pil
-from ldm.util import InputError
+from ldm.util import InputError, check_seed
 
 ASPECT_TOLERANCE = 0.02  # a user mask may differ this much in aspect ratio from the image before we refuse it
 
@@ -43,13 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_mask(path: str, image_size: tuple[int, int]) -> Image.Image:
     """The user mask, refused if its aspect ratio differs from the image's (it is resized to the latent grid)."""
-    try:
-        mask = Image.open(path)
-        mask.load()
-    except FileNotFoundError:
-        raise InputError(f"--mask {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise InputError(f"--mask {path} is not an image ({error})") from None
+    mask = open_image(path, "--mask")
     height, width = image_size
     if abs(mask.width / mask.height - width / height) > ASPECT_TOLERANCE * width / height:
         raise InputError(f"--mask {path} is {mask.width}×{mask.height} but the image is {width}×{height}: give a "
@@ -69,6 +63,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError("--ddim_steps must be at least 2 (DPM-Solver++(2M))")
     if args.scale < 0:
         raise InputError(f"--scale must be non-negative, got {args.scale}")
+    check_seed(args.seed)
     check_writable(args.outdir)
 
 
@@ -77,28 +72,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_args(args)
     config = load_config(args.config)
-    geometry = Geometry.of(config)
-    init_image = load_image(args.init_img, geometry.multiple)
+    init_image = load_image(args.init_img, Geometry.of(config).multiple)
     image_size = tuple(init_image.shape[-2:])
     user_mask = load_mask(args.mask, image_size) if args.mask else None
-    device = resolve_device(args.device)
-    safety_checker = load_safety_checker(config, args.safety_checker, args.no_safety_checker, device)
-    pipeline = Pipeline.load(config, args.ckpt, device, args.precision, "dpm_solver", safety_checker,
-                             acceleration_from_args(args, device))
+    pipeline = pipeline_from_args(args, config, "dpm_solver")
 
-    with pipeline.scope():
-        result = diffedit(pipeline.model, pipeline.sampler, init_image, args.prompt, args.edit,
-                          encode_ratio=args.encode_ratio, steps=args.ddim_steps, encode_type=args.encode_type,
-                          scale=args.scale, seed=args.seed, mask=user_mask, negative_prompt=args.negative_prompt,
-                          n_samples=args.n_samples, verbose=True)
-    images, flagged = pipeline.check_safety(result.images)
+    images, flagged, latent_mask = pipeline.diffedit(
+        init_image, args.prompt, args.edit, mask=user_mask, steps=args.ddim_steps, scale=args.scale,
+        encode_ratio=args.encode_ratio, encode_type=args.encode_type, negative_prompt=args.negative_prompt,
+        n_samples=args.n_samples, verbose=True)
     writer = ImageWriter(args.outdir)
     metadata = dict(prompt=args.prompt, edit=args.edit, negative_prompt=args.negative_prompt, seed=args.seed,
                     sampler="dpm_solver", steps=args.ddim_steps, scale=args.scale, encode_ratio=args.encode_ratio,
                     encode_type=args.encode_type, size=f"{image_size[1]}x{image_size[0]}",
                     checkpoint=Path(args.ckpt).name, init_image=Path(args.init_img).name,
                     mask=Path(args.mask).name if args.mask else "estimated")
-    mask = mask_image(result.mask, image_size)
+    mask = mask_image(latent_mask, image_size)
     for image in to_pil(images):
         number = max(writer.next_number("samples"), writer.next_number("masks"))
         sample = writer.save(image, "samples", metadata=metadata, number=number)

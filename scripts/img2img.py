@@ -8,14 +8,13 @@ import sys
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from ldm.cli import (acceleration_from_args, add_extra_arguments, add_model_arguments, add_prompt_and_output_arguments,
-                     check_common, clean_exit, prompt_batches, sampler_name)
-from ldm.generation import Geometry, Pipeline, load_image, load_safety_checker, resolve_device
+from ldm.cli import (add_extra_arguments, add_model_arguments, add_prompt_and_output_arguments, check_common,
+                     clean_exit, pipeline_from_args, prompt_batches, run_batches, sampler_name)
+from ldm.generation import Geometry, load_image
 from ldm.models.loading import load_config
 from ldm.output import RunOutput
-from ldm.util import InputError, seed_everything
+from ldm.util import InputError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,31 +46,19 @@ def main(argv: list[str] | None = None) -> int:
     geometry = Geometry.of(config)
     init_image = load_image(args.init_img, geometry.multiple)
     geometry.check(*init_image.shape[-2:], args.C, args.f)
-    device = resolve_device(args.device)
-    seed_everything(args.seed)
-    safety_checker = load_safety_checker(config, args.safety_checker, args.no_safety_checker, device)
-    pipeline = Pipeline.load(config, args.ckpt, device, args.precision, sampler_name(args), safety_checker,
-                             acceleration_from_args(args, device))
+    pipeline = pipeline_from_args(args, config, sampler_name(args))
 
+    # One posterior sample for the whole run, and with --fixed_code one noise, as the original.
+    init = pipeline.encode(init_image.repeat(args.n_samples, 1, 1, 1))
+    noise = torch.randn_like(init.latents) if args.fixed_code else None
     height, width = init_image.shape[-2:]
     metadata = dict(negative_prompt=args.negative_prompt, seed=args.seed, sampler=pipeline.sampler_name,
                     steps=args.ddim_steps, scale=args.scale, strength=args.strength, size=f"{width}x{height}",
                     checkpoint=Path(args.ckpt).name, init_image=Path(args.init_img).name)
     output = RunOutput(args.outdir, metadata, args.skip_save, args.skip_grid)
-    with pipeline.scope(), tqdm(total=args.n_iter * len(batches), desc="Sampling", unit="batch") as progress:
-        init_latent = pipeline.encode(init_image.repeat(args.n_samples, 1, 1, 1))
-        noise = torch.randn_like(init_latent) if args.fixed_code else None
-        for _ in range(args.n_iter):
-            for prompts in batches:
-                c, uc = pipeline.conditioning(prompts, args.negative_prompt, args.scale)
-                n = len(prompts)
-                latents = pipeline.sampler.img2img(init_latent[:n], args.strength, args.ddim_steps, c,
-                                                   unconditional_guidance_scale=args.scale,
-                                                   unconditional_conditioning=uc, eta=args.ddim_eta,
-                                                   noise=None if noise is None else noise[:n], verbose=False)
-                output.add(*pipeline.to_images(latents), prompts)
-                progress.update()
-    print(output.close(args.n_rows or args.n_samples))
+    run_batches(args, batches, output, lambda prompts: pipeline.img2img(
+        init, args.strength, prompts, steps=args.ddim_steps, scale=args.scale, negative_prompt=args.negative_prompt,
+        eta=args.ddim_eta, noise=noise))
     return 0
 
 

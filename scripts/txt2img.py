@@ -8,15 +8,12 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
-from ldm.cli import (acceleration_from_args, add_extra_arguments, add_model_arguments, add_prompt_and_output_arguments,
-                     check_common, clean_exit, prompt_batches, sampler_name)
-from ldm.generation import Geometry, Pipeline, load_safety_checker, resolve_device
+from ldm.cli import (add_extra_arguments, add_model_arguments, add_prompt_and_output_arguments, check_common,
+                     clean_exit, pipeline_from_args, prompt_batches, run_batches, sampler_name)
+from ldm.generation import Geometry
 from ldm.models.loading import load_config
 from ldm.output import RunOutput
-from ldm.util import InputError, seed_everything
+from ldm.util import InputError
 
 logger = logging.getLogger("ldm.txt2img")
 
@@ -52,31 +49,16 @@ def main(argv: list[str] | None = None) -> int:
                          f"{args.config} and BERT text encoder are not included")
     batches = prompt_batches(args)
     config = load_config(args.config)
-    geometry = Geometry.of(config)
-    geometry.check(args.H, args.W, args.C, args.f)
-    device = resolve_device(args.device)
-    seed_everything(args.seed)
-    safety_checker = load_safety_checker(config, args.safety_checker, args.no_safety_checker, device)
-    pipeline = Pipeline.load(config, args.ckpt, device, args.precision, sampler_name(args), safety_checker,
-                             acceleration_from_args(args, device))
+    Geometry.of(config).check(args.H, args.W, args.C, args.f)
+    pipeline = pipeline_from_args(args, config, sampler_name(args))
 
-    shape = geometry.latent_shape(args.H, args.W)
-    start_code = torch.randn((args.n_samples, *shape), device=device) if args.fixed_code else None
+    x_T = pipeline.initial_noise(args.n_samples, args.H, args.W) if args.fixed_code else None
     metadata = dict(negative_prompt=args.negative_prompt, seed=args.seed, sampler=pipeline.sampler_name,
                     steps=args.ddim_steps, scale=args.scale, size=f"{args.W}x{args.H}", checkpoint=Path(args.ckpt).name)
     output = RunOutput(args.outdir, metadata, args.skip_save, args.skip_grid)
-    with pipeline.scope(), tqdm(total=args.n_iter * len(batches), desc="Sampling", unit="batch") as progress:
-        for _ in range(args.n_iter):
-            for prompts in batches:
-                c, uc = pipeline.conditioning(prompts, args.negative_prompt, args.scale)
-                x_T = None if start_code is None else start_code[:len(prompts)]
-                latents, _ = pipeline.sampler.sample(S=args.ddim_steps, batch_size=len(prompts), shape=shape,
-                                                     conditioning=c, verbose=False,
-                                                     unconditional_guidance_scale=args.scale,
-                                                     unconditional_conditioning=uc, eta=args.ddim_eta, x_T=x_T)
-                output.add(*pipeline.to_images(latents), prompts)
-                progress.update()
-    print(output.close(args.n_rows or args.n_samples))
+    run_batches(args, batches, output, lambda prompts: pipeline.txt2img(
+        prompts, steps=args.ddim_steps, scale=args.scale, negative_prompt=args.negative_prompt, eta=args.ddim_eta,
+        height=args.H, width=args.W, x_T=x_T))
     return 0
 
 

@@ -9,7 +9,7 @@ from ldm.models.acceleration import Acceleration, CompiledCUDAGraphUNet, CUDAGra
 from ldm.models.loading import build_model, load_config
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.winograd import MIN_CHANNELS, Conv3x3, set_winograd
-from ldm.util import InputError, randomize_parameters_
+from ldm.util import ParameterError, randomize_parameters_
 
 FLOAT32_RELATIVE = 1e-4  # the fast paths change the order of float32 sums only: measured ≤ 1e-5
 
@@ -108,10 +108,13 @@ def test_unet_traces_without_graph_breaks(tiny_model):
 
 
 def test_cuda_graph_needs_cuda_and_slicing_needs_a_count():
-    with pytest.raises(InputError, match="--cuda_graph needs a CUDA device"):
-        Acceleration(cuda_graph=True).check(torch.device("cpu"))
-    with pytest.raises(InputError, match="--attention_slicing"):
-        Acceleration(attention_slicing=-1).check(torch.device("cpu"))
+    with pytest.raises(ParameterError, match="cuda_graph needs a CUDA device") as error:
+        Acceleration(cuda_graph=True).for_device(torch.device("cpu"))
+    assert error.value.parameter == "cuda_graph"
+    with pytest.raises(ParameterError, match="attention_slicing must be 0"):
+        Acceleration(attention_slicing=-1).for_device(torch.device("cpu"))
+    assert Acceleration().for_device(torch.device("cpu")).cuda_graph is False  # on by default only with CUDA
+    assert Acceleration().for_device(torch.device("cuda")).cuda_graph is True
 
 
 def test_cuda_graph_wrapper_runs_eagerly_off_cuda(tiny_model):

@@ -2,7 +2,7 @@
 
 import torch
 
-from ldm.models.diffusion.analytic import exact_solution, ideal_noise
+from ldm.testing.analytic import exact_solution, ideal_noise
 
 
 def test_ideal_noise_is_the_regression_of_noise_on_the_noisy_sample():

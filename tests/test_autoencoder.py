@@ -2,8 +2,8 @@
 
 import torch
 
-from ldm.models.diffusers_interop import diffusers_vae
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.testing.diffusers_interop import diffusers_vae
 from ldm.util import count_params
 
 

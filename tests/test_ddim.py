@@ -7,9 +7,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from ldm.models.diffusion.analytic import GaussianLatentDiffusion, exact_solution
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.sampling_util import make_ddim_timesteps
+from ldm.testing.analytic import GaussianLatentDiffusion, exact_solution
 
 SHAPE = (3, 4, 4)
 
@@ -89,18 +89,21 @@ def test_guidance_batches_uncond_and_cond_together():
 
 
 def test_img2img_encode_and_decode_follow_the_original_indexing():
+    """Noised to grid index t_enc = int(0.75·50) = 37 (timestep 741), then denoised from index 36 (timestep 721)."""
     model = GaussianLatentDiffusion()
-    sampler = DDIMSampler(model)
-    sampler.make_schedule(50, verbose=False)
     x0, noise = start(1), start(2)
-    t_enc = int(0.75 * 50)
-    encoded = sampler.stochastic_encode(x0, torch.tensor([t_enc] * 2), noise=noise)
-    alpha = model.alphas_cumprod[sampler.ddim_timesteps[t_enc]].double()
-    torch.testing.assert_close(encoded, alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise)
-    assert sampler.ddim_timesteps[t_enc] == 741
-    sampler.decode(encoded, None, t_enc, verbose=False)
-    assert model.timesteps_seen == [float(t) for t in sampler.ddim_timesteps[:t_enc][::-1]]
+    first_latents = []
+    DDIMSampler(model).img2img(x0, 0.75, 50, None, noise=noise, verbose=False,
+                               callback=lambda step, x, pred_x0: first_latents.append(x) if step == 0 else None)
+    assert model.timesteps_seen == [float(t) for t in make_ddim_timesteps(50)[:37][::-1]]
     assert model.timesteps_seen[0] == 721
+    alpha, alpha_prev = model.alphas_cumprod[741].double(), model.alphas_cumprod[721].double()
+    encoded = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
+    eps = model.apply_model(encoded, torch.full((2,), 721.0), None)
+    # the original's first step: DDIM from timestep 721 (ᾱ at 721) to the next grid point (ᾱ at 701)
+    alpha_t, alpha_next = alpha_prev, model.alphas_cumprod[701].double()
+    pred_x0 = (encoded - (1 - alpha_t).sqrt() * eps) / alpha_t.sqrt()
+    torch.testing.assert_close(first_latents[0], alpha_next.sqrt() * pred_x0 + (1 - alpha_next).sqrt() * eps)
 
 
 def test_callback_and_intermediates():

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from ldm.editing.diffedit import diffedit, edit_latent, estimate_mask, mask_from_difference, resize_mask
-from ldm.models.diffusion.analytic import GaussianLatentDiffusion
+from ldm.editing.diffedit import edit_latent, estimate_mask, mask_from_difference, resize_mask
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
+from ldm.testing.analytic import GaussianLatentDiffusion
+from ldm.util import ParameterError
 
 SHAPE = (4, 8, 8)
 
@@ -47,7 +48,7 @@ def test_estimated_mask_finds_where_the_prompts_disagree():
     model = TwoPrompts()
     sampler = DPMSolverSampler(model)
     src, dst, _ = conds()
-    mask = estimate_mask(model, sampler, input_latent(), src, dst, generator=torch.Generator().manual_seed(0))
+    mask = estimate_mask(sampler, input_latent(), src, dst, generator=torch.Generator().manual_seed(0))
     assert torch.equal(mask, region.double())
     assert model.calls == 2 and model.timesteps_seen[0] == pytest.approx(499.5)  # no guidance; t at ratio 0.5
 
@@ -58,8 +59,9 @@ def test_deterministic_encoding_pins_the_background_to_the_inversion(mask):
     sampler = DPMSolverSampler(model)
     x0 = input_latent(batch=2)
     src, dst, uncond = conds(2)
-    _, trajectory = sampler.encode(10, x0, 0.6, conditioning=src, unconditional_guidance_scale=7.5,
-                                   unconditional_conditioning=uncond, lower_order_final=False)
+    _, encoding = sampler.encode(10, x0, 0.6, conditioning=src, unconditional_guidance_scale=7.5,
+                                 unconditional_conditioning=uncond, lower_order_final=False)
+    trajectory = encoding.x_inter
     edited, latents = edit_latent(sampler, x0, mask, src, dst, uncond, encode_ratio=0.6, steps=10,
                                   encode_type="deterministic", scale=7.5)
     assert len(latents) == len(trajectory) == 11
@@ -89,10 +91,10 @@ def test_stochastic_encoding_renoises_the_background_to_every_time(monkeypatch):
     src, dst, uncond = conds(2)
     edited, latents = edit_latent(sampler, x0, mask, src, dst, uncond, encode_ratio=0.6, steps=10,
                                   encode_type="stochastic", generator=torch.Generator().manual_seed(1))
-    times = torch.linspace(sampler.ratio_to_time(0.6), 1e-3, 11, dtype=torch.float64).tolist()
+    times = torch.linspace(sampler._ratio_to_time(0.6), 1e-3, 11, dtype=torch.float64).tolist()
     ratios = [ratio for ratio, _ in draws]
     assert ratios[0] == 0.6 and ratios[1] == pytest.approx(0.6)  # x_T, then the background at step 0
-    assert ratios[1:] == pytest.approx([sampler.time_to_ratio(t) for t in times])  # the true inverse, every step
+    assert ratios[1:] == pytest.approx([sampler._time_to_ratio(t) for t in times])  # the true inverse, every step
     assert ratios[-1] == pytest.approx(0.0, abs=1e-12)
     alpha_end, sigma_end = (f(torch.tensor([1e-3], dtype=torch.float64)).item() for f in
                             (sampler.noise_schedule.marginal_alpha, sampler.noise_schedule.marginal_std))
@@ -103,22 +105,17 @@ def test_stochastic_encoding_renoises_the_background_to_every_time(monkeypatch):
         torch.testing.assert_close(latent[..., outside], encode(x0, ratio, noise=noise)[..., outside])
 
 
+def test_bad_encode_settings_name_the_parameter():
+    sampler = DPMSolverSampler(GaussianLatentDiffusion())
+    src, dst, uncond = conds()
+    for change, parameter in (({"encode_ratio": 0.0}, "encode_ratio"), ({"encode_type": "ddim"}, "encode_type")):
+        with pytest.raises(ParameterError) as error:
+            edit_latent(sampler, input_latent(), half_mask(), src, dst, uncond, **change)
+        assert error.value.parameter == parameter
+
+
 def test_user_masks_are_resized_and_binarised():
     mask = torch.zeros(64, 48)
     mask[:32] = 1.0
     small = resize_mask(mask, (8, 6))
     assert small.shape == (8, 6) and small[:4].eq(1).all() and small[4:].eq(0).all()
-
-
-def test_end_to_end_on_the_tiny_model(tiny_model):
-    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    sampler = DPMSolverSampler(tiny_model)
-    first = diffedit(tiny_model, sampler, image, "a red circle", "a blue square", steps=4, n_samples=2, seed=3)
-    again = diffedit(tiny_model, sampler, image, "a red circle", "a blue square", steps=4, n_samples=2, seed=3)
-    assert first.images.shape == (2, 3, 64, 64) and first.mask.shape == (8, 8)
-    assert torch.equal(first.images, again.images)
-    user = diffedit(tiny_model, sampler, image, "a red circle", "a blue square", steps=4, mask=torch.ones(64, 64),
-                    encode_type="deterministic")
-    assert user.mask.eq(1).all()
-    with pytest.raises(ValueError, match="encode_ratio"):
-        diffedit(tiny_model, sampler, image, "a", "b", encode_ratio=0.0)

@@ -1,7 +1,7 @@
 """scripts/diffedit_inpaint.py and its notebook on the tiny config: files, masks, bad input, top-to-bottom run."""
 
-import numpy as np
 import nbformat
+import numpy as np
 import pytest
 from nbclient import NotebookClient
 from PIL import Image
@@ -61,7 +61,7 @@ def test_the_notebook_runs_top_to_bottom(tiny_checkpoint):
     notebook = nbformat.read(ROOT / "scripts" / "diffedit_inpaint.ipynb", as_version=4)
     parameters = next(cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", []))
     parameters.source += (f"\nCONFIG = {str(TINY_CONFIG)!r}\nCKPT = {str(tiny_checkpoint)!r}\nSTEPS = 3\n"
-                          "DEVICE = 'cpu'\nNO_SAFETY_CHECKER = True\n")
+                          "DEVICE = 'cpu'\nSAFETY_CHECKER = False\n")
     NotebookClient(notebook, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(ROOT / "scripts")}}).execute()
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from ldm.models.diffusion.analytic import SD_ALPHAS_CUMPROD, exact_solution, ideal_noise
 from ldm.models.diffusion.dpm_solver.dpm_solver import (DPM_Solver, NoiseScheduleVP, interpolate_fn, model_wrapper,
                                                         singlestep_orders)
+from ldm.testing.analytic import SD_ALPHAS_CUMPROD, exact_solution, ideal_noise
 
 MU, S = 0.3, 0.5
 SD_SCHEDULE = NoiseScheduleVP("discrete", alphas_cumprod=SD_ALPHAS_CUMPROD)

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.models.diffusion.analytic import (SD_ALPHAS_CUMPROD, GaussianLatentDiffusion,
-                                           exact_solution)
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
+from ldm.testing.analytic import SD_ALPHAS_CUMPROD, GaussianLatentDiffusion, exact_solution
 
 SHAPE = (3, 4, 4)
 N = 1000
@@ -54,10 +53,12 @@ def test_reproduces_the_seed_configuration_step_for_step(steps):
     cond, uncond = torch.tensor([0.5, -1.0], dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
     x_T = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     model = ConditionedModel()
-    samples, latents = DPMSolverSampler(model).sample(steps, 2, SHAPE, conditioning=cond,
-                                                      unconditional_conditioning=uncond,
-                                                      unconditional_guidance_scale=7.5, x_T=x_T, verbose=False)
-    assert model.calls == steps and len(latents) == steps + 1
+    samples, intermediates = DPMSolverSampler(model).sample(steps, 2, SHAPE, conditioning=cond,
+                                                            unconditional_conditioning=uncond,
+                                                            unconditional_guidance_scale=7.5, x_T=x_T, verbose=False,
+                                                            log_every_t=1)
+    latents = intermediates.x_inter
+    assert model.calls == steps and len(latents) == len(intermediates.pred_x0) == steps + 1
     assert model.timesteps_seen[0] == [999.0] * 4  # one doubled batch per step, t fed as (t − 1/N)·N
     assert model.timesteps_seen[1][0] == pytest.approx(999 - 999 / steps, abs=1e-3)
     reference = reference_dpmpp_2m(ConditionedModel(), x_T, steps, cond, uncond, 7.5)
@@ -68,12 +69,11 @@ def test_reproduces_the_seed_configuration_step_for_step(steps):
 
 def test_ratio_and_time_are_true_inverses():
     sampler = DPMSolverSampler(GaussianLatentDiffusion())
-    assert sampler.ratio_to_time(0.0) == pytest.approx(1e-3) and sampler.ratio_to_time(1.0) == pytest.approx(1.0)
-    assert sampler.ratio_to_time(0.6) == pytest.approx(0.6004)
+    assert sampler._ratio_to_time(0.0) == pytest.approx(1e-3) and sampler._ratio_to_time(1.0) == pytest.approx(1.0)
+    assert sampler._ratio_to_time(0.6) == pytest.approx(0.6004)
     for t in np.linspace(1e-3, 1.0, 37):
-        assert sampler.ratio_to_time(sampler.time_to_ratio(t)) == pytest.approx(t, abs=1e-12)
-        assert sampler.time_to_ratio(sampler.ratio_to_time(t)) == pytest.approx(t, abs=1e-12)
-    assert sampler.time_continuous_to_discrete(sampler.time_discrete_to_continuous(499.5)) == pytest.approx(499.5)
+        assert sampler._ratio_to_time(sampler._time_to_ratio(t)) == pytest.approx(t, abs=1e-12)
+        assert sampler._time_to_ratio(sampler._ratio_to_time(t)) == pytest.approx(t, abs=1e-12)
 
 
 def test_stochastic_encode_has_the_forward_marginal():
@@ -81,7 +81,7 @@ def test_stochastic_encode_has_the_forward_marginal():
     sampler = DPMSolverSampler(model)
     x0 = torch.full((100_000,), 2.0, dtype=torch.float64)
     noised = sampler.stochastic_encode(x0, 0.5, generator=torch.Generator().manual_seed(0))
-    t = sampler.ratio_to_time(0.5)
+    t = sampler._ratio_to_time(0.5)
     alpha = sampler.noise_schedule.marginal_alpha(torch.tensor([t], dtype=torch.float64)).item()
     assert noised.shape == x0.shape
     assert abs(noised.mean().item() - 2.0 * alpha) < 0.01 and abs(noised.std().item() - (1 - alpha ** 2) ** 0.5) < 0.01
@@ -94,31 +94,48 @@ def test_encode_then_sample_from_the_same_time_returns_the_latent():
     model = GaussianLatentDiffusion()
     sampler = DPMSolverSampler(model)
     x0 = model.mu + model.s * torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    encoded, trajectory = sampler.encode(100, x0, 0.6, skip_type="logSNR")
+    encoded, intermediates = sampler.encode(100, x0, 0.6, skip_type="logSNR")
+    trajectory = intermediates.x_inter
     assert len(trajectory) == 101 and torch.equal(trajectory[-1], encoded)
-    t = sampler.ratio_to_time(0.6)
+    t = sampler._ratio_to_time(0.6)
     alpha = lambda time: sampler.noise_schedule.marginal_alpha(torch.tensor([time], dtype=torch.float64)).item()
     torch.testing.assert_close(encoded, exact_solution(x0, alpha(1e-3), alpha(t), model.mu, model.s),
                                rtol=0, atol=2e-3)
-    decoded, _ = sampler.sample(100, 2, SHAPE, x_T=encoded, t_start=t, skip_type="logSNR", verbose=False)
+    decoded, _ = sampler.sample(100, 2, SHAPE, x_T=encoded, strength=0.6, skip_type="logSNR", verbose=False)
     torch.testing.assert_close(decoded, x0, rtol=0, atol=2e-3)
 
 
-def test_correcting_xt_fn_runs_at_the_start_and_after_every_step():
+def test_correct_latent_runs_at_the_start_and_after_every_step_with_the_noise_ratio():
     calls = []
 
-    def pin_first_channel(x, t, step):
-        calls.append((step, t))
+    def pin_first_channel(x, ratio, step):
+        calls.append((step, ratio))
         x = x.clone()
         x[:, 0] = 0.25
         return x
 
-    samples, latents = DPMSolverSampler(GaussianLatentDiffusion()).sample(
-        8, 2, SHAPE, correcting_xt_fn=pin_first_channel, verbose=False,
+    samples, intermediates = DPMSolverSampler(GaussianLatentDiffusion()).sample(
+        8, 2, SHAPE, correct_latent=pin_first_channel, verbose=False, log_every_t=1,
         generator=torch.Generator().manual_seed(0))
     assert [step for step, _ in calls] == list(range(9))
-    assert calls[0][1] == 1.0 and calls[-1][1] == pytest.approx(1e-3)
-    assert all((latent[:, 0] == 0.25).all() for latent in latents)
+    assert calls[0][1] == pytest.approx(1.0) and calls[-1][1] == pytest.approx(0.0, abs=1e-12)
+    assert all((latent[:, 0] == 0.25).all() for latent in intermediates.x_inter)
+
+
+def test_the_callback_gets_the_data_prediction_each_step_was_taken_with():
+    """DPM-Solver++ steps with x̂_0 = (x − σ_t·ε)/α_t at the previous grid point; the callback receives it."""
+    model = GaussianLatentDiffusion()
+    sampler = DPMSolverSampler(model)
+    seen = []
+    x_T = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    _, intermediates = sampler.sample(5, 2, SHAPE, x_T=x_T, verbose=False, log_every_t=1,
+                                      callback=lambda step, x, pred_x0: seen.append((step, x, pred_x0)))
+    assert [step for step, _, _ in seen] == list(range(5))
+    alpha_T = sampler.noise_schedule.marginal_alpha(torch.tensor([1.0], dtype=torch.float64)).item()
+    eps = model.apply_model(x_T, torch.full((2,), 999.0, dtype=torch.float64), None)
+    torch.testing.assert_close(seen[0][2], (x_T - (1 - alpha_T ** 2) ** 0.5 * eps) / alpha_T)
+    assert all(torch.equal(x, kept) for (_, x, _), kept in zip(seen, intermediates.x_inter[1:]))
+    assert all(torch.equal(p, kept) for (_, _, p), kept in zip(seen, intermediates.pred_x0[1:]))
 
 
 def test_v_prediction_models_are_sampled_through_model_type_v():
@@ -153,6 +170,6 @@ def test_img2img_starts_at_the_strength_time_with_as_many_calls_as_ddim():
     x0 = torch.zeros(2, *SHAPE, dtype=torch.float64)
     out = sampler.img2img(x0, 0.6, 25, None, verbose=False, generator=torch.Generator().manual_seed(0))
     assert model.calls == 15 and out.shape == x0.shape
-    assert model.timesteps_seen[0] == pytest.approx(sampler.time_continuous_to_discrete(sampler.ratio_to_time(0.6)))
+    assert model.timesteps_seen[0] == pytest.approx(999 * 0.6)  # t = 0.6004 is fed as (t − 1/N)·N
     assert torch.equal(sampler.img2img(x0, 0.0, 25, None, noise=torch.zeros(1, 2, *SHAPE, dtype=torch.float64)),
                        x0)

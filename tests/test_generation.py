@@ -1,4 +1,5 @@
-"""Precision and memory options of the shared pipeline, on the trained demo model where numbers matter."""
+"""The pipeline: one road for txt2img, img2img and DiffEdit; its precision and memory options on the trained demo
+model where numbers matter."""
 
 import copy
 import logging
@@ -6,10 +7,11 @@ import logging
 import pytest
 import torch
 
-from conftest import ROOT
-from ldm.generation import Pipeline, decode_images, precision_scope, resolve_precision
+from conftest import ROOT, TINY_CONFIG
+from ldm.generation import (Geometry, ImageLatents, Pipeline, decode_images, precision_scope, resolve_device,
+                            resolve_precision)
 from ldm.models.loading import load_config
-from ldm.util import InputError
+from ldm.util import ParameterError
 
 DEMO_CONFIG = ROOT / "configs/demo/shapes-inference.yaml"
 DEMO_CHECKPOINT = ROOT / "models/demo/shapes.safetensors"
@@ -20,20 +22,86 @@ IMAGE_TOLERANCE = {"fp16": 3e-3, "bf16": 2e-2}
 
 
 def render(pipeline: Pipeline, prompts: list[str], steps: int = 20) -> torch.Tensor:
-    shape = (pipeline.model.channels, pipeline.model.image_size, pipeline.model.image_size)
-    x_T = torch.randn(len(prompts), *shape, generator=torch.Generator().manual_seed(0))
-    with pipeline.scope():
-        c, uc = pipeline.conditioning(prompts, "", 5.0)
-        latents, _ = pipeline.sampler.sample(S=steps, batch_size=len(prompts), shape=shape, conditioning=c,
-                                             unconditional_guidance_scale=5.0, unconditional_conditioning=uc,
-                                             verbose=False, x_T=x_T)
-        return pipeline.decode(latents)
+    x_T = pipeline.initial_noise(len(prompts), generator=torch.Generator().manual_seed(0))
+    return pipeline.txt2img(prompts, steps=steps, scale=5.0, x_T=x_T).images
+
+
+def demo_pipeline(precision: str = "full", sampler: str = "dpm_solver") -> Pipeline:
+    return Pipeline.from_config(DEMO_CONFIG, DEMO_CHECKPOINT, device="cpu", precision=precision, sampler=sampler)
 
 
 @pytest.fixture(scope="module")
 def float32_images() -> torch.Tensor:
-    return render(Pipeline.load(load_config(DEMO_CONFIG), DEMO_CHECKPOINT, CPU, "full", "dpm_solver"),
-                  ["a small red circle at the top", "a large blue square on the left"])
+    return render(demo_pipeline(), ["a small red circle at the top", "a large blue square on the left"])
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tiny_model) -> Pipeline:
+    return Pipeline(tiny_model, Geometry.of(load_config(TINY_CONFIG)), sampler="ddim")
+
+
+def test_one_loaded_pipeline_draws_from_several_prompt_lists(tiny_pipeline):
+    generator = torch.Generator().manual_seed(0)
+    first = tiny_pipeline.txt2img(["a red circle", "a blue square"], steps=3, generator=generator)
+    second = tiny_pipeline.txt2img("a green star", steps=3, generator=generator)
+    assert first.images.shape == (2, 3, 64, 64) and second.images.shape == (1, 3, 64, 64)  # the native size
+    assert first.flagged == second.flagged == 0
+    assert 0 <= first.images.min() and first.images.max() <= 1 and first.images.device.type == "cpu"
+    again = tiny_pipeline.txt2img(["a red circle", "a blue square"], steps=3,
+                                  generator=torch.Generator().manual_seed(0))
+    assert torch.equal(first.images, again.images)
+
+
+def test_img2img_reuses_one_encoding_or_encodes_each_call(tiny_pipeline):
+    photo = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    init = tiny_pipeline.encode(photo.repeat(2, 1, 1, 1), generator=torch.Generator().manual_seed(2))
+    assert isinstance(init, ImageLatents) and init.latents.shape == (2, 4, 8, 8)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    two = tiny_pipeline.img2img(init, 0.5, ["a", "b"], steps=4, noise=noise)
+    one = tiny_pipeline.img2img(init, 0.5, ["a"], steps=4, noise=noise)  # a short batch takes the first ones
+    assert two.images.shape == (2, 3, 64, 64) and (one.images[0] - two.images[0]).abs().max() < 1e-4
+    from_pixels = tiny_pipeline.img2img(photo, 0.5, ["a", "b"], steps=4, generator=torch.Generator().manual_seed(4))
+    assert from_pixels.images.shape == (2, 3, 64, 64)  # one image, shared by both prompts
+
+
+def test_diffedit_through_the_pipeline(tiny_pipeline):
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    first = tiny_pipeline.diffedit(image, "a red circle", "a blue square", steps=4, n_samples=2,
+                                   generator=torch.Generator().manual_seed(3))
+    again = tiny_pipeline.diffedit(image, "a red circle", "a blue square", steps=4, n_samples=2,
+                                   generator=torch.Generator().manual_seed(3))
+    assert first.images.shape == (2, 3, 64, 64) and first.mask.shape == (8, 8) and first.flagged == 0
+    assert torch.equal(first.images, again.images)
+    user = tiny_pipeline.diffedit(image, "a red circle", "a blue square", steps=4, mask=torch.ones(64, 64),
+                                  encode_type="deterministic")
+    assert user.mask.eq(1).all()
+
+
+@pytest.mark.parametrize("call, parameter", [
+    (lambda p: p.txt2img("a", steps=3, height=100), "height"),
+    (lambda p: p.txt2img("a", steps=3, scale=float("nan")), "scale"),
+    (lambda p: p.txt2img([], steps=3), "prompts"),
+    (lambda p: p.txt2img(["a", "b", "c"], steps=3, x_T=torch.zeros(2, 4, 8, 8)), "x_T"),
+    (lambda p: p.txt2img("a", steps=0), "steps"),
+    (lambda p: p.img2img(torch.zeros(1, 3, 64, 64), 1.5, "a", steps=3), "strength"),
+    (lambda p: p.img2img(torch.zeros(1, 4, 64, 64), 0.5, "a", steps=3), "images"),
+    (lambda p: p.diffedit(torch.zeros(1, 3, 64, 64), "a", "b", encode_ratio=0.0), "encode_ratio"),
+    (lambda p: p.diffedit(torch.zeros(1, 3, 64, 64), "a", "b", n_samples=0), "n_samples"),
+])
+def test_bad_arguments_raise_value_errors_naming_the_parameter(call, parameter, tiny_pipeline):
+    with pytest.raises(ParameterError) as error:
+        call(tiny_pipeline)
+    assert error.value.parameter == parameter and str(error.value).startswith(parameter + " ")
+    assert "--" not in str(error.value)  # the library never speaks in command-line flags
+
+
+def test_from_config_checks_what_needs_no_weights_before_reading_the_checkpoint(tmp_path):
+    missing = tmp_path / "missing.ckpt"  # never opened: each of these fails first
+    for change, parameter in (({"device": "tpu"}, "device"), ({"precision": "fp8"}, "precision"),
+                              ({"sampler": "euler"}, "sampler")):
+        with pytest.raises(ParameterError) as error:
+            Pipeline.from_config(DEMO_CONFIG, missing, **change)
+        assert error.value.parameter == parameter
 
 
 @pytest.mark.filterwarnings("ignore:CUDA is not available")
@@ -42,14 +110,16 @@ def test_auto_precision_is_float16_on_gpus_and_float32_on_the_cpu():
     assert resolve_precision("auto", torch.device("mps")) == "fp16"
     assert resolve_precision("auto", CPU) == "full"
     assert resolve_precision("autocast", torch.device("cuda")) == "autocast"
-    with pytest.raises(InputError, match="--precision must be one of"):
+    with pytest.raises(ParameterError, match="^precision must be one of"):
         resolve_precision("fp8", CPU)
+    with pytest.raises(ParameterError, match="^device must be one of"):
+        resolve_device("tpu")
     assert isinstance(precision_scope("autocast", torch.device("cuda"), cuda_graph=True), torch.autocast)
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_half_precision_weights_give_the_float32_images_up_to_rounding(precision, float32_images):
-    pipeline = Pipeline.load(load_config(DEMO_CONFIG), DEMO_CHECKPOINT, CPU, precision, "dpm_solver")
+    pipeline = demo_pipeline(precision)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     assert {p.dtype for p in pipeline.model.parameters() if p.is_floating_point()} == {dtype}
     images = render(pipeline, ["a small red circle at the top", "a large blue square on the left"])

@@ -5,9 +5,10 @@ import pytest
 from PIL import Image
 from skimage import data
 
+import compvis_reference
 from conftest import ROOT, TINY_CONFIG, load_script
-from ldm.generation import Geometry
-from ldm.models.loading import load_config
+from ldm.generation import Geometry, load_image
+from ldm.models.loading import load_config, load_model
 
 img2img = load_script("img2img")
 
@@ -53,6 +54,31 @@ def test_every_sampler_writes_reproducible_samples_rounded_to_64(sampler, tmp_pa
     text = Image.open(tmp_path / "a" / "samples" / "00000.png").text
     assert text["strength"] == "0.5" and text["init_image"] == "rocket.png" and text["size"] == "64x128"
     assert (tmp_path / "a" / "grid-0000.png").exists()
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "demo"])
+@pytest.mark.parametrize("eta", ["0", "0.5"])
+def test_every_batch_of_a_run_is_the_originals_picture(model_name, eta, tmp_path, tiny_checkpoint):
+    """CompVis' img2img loop (DDIM, one posterior sample, a fresh noising per batch) from the same seed gives every
+    sample of a two-iteration run with a short last batch, up to float32 rounding (≤ 1/255)."""
+    config, checkpoint = (TINY_CONFIG, tiny_checkpoint) if model_name == "tiny" else (
+        ROOT / "configs/demo/shapes-inference.yaml", ROOT / "models/demo/shapes.safetensors")
+    image = tmp_path / "photo.png"  # under 256×256: saved without the watermark the original's img2img lacks
+    Image.open(ROOT / "assets" / "diffedit-input.png").resize((128, 96)).save(image)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\na green star\n")
+    argv = ["--config", str(config), "--ckpt", str(checkpoint), "--init-img", str(image), "--ddim_steps", "6",
+            "--strength", "0.6", "--ddim_eta", eta, "--n_iter", "2", "--from-file", str(prompts), "--seed", "3",
+            "--outdir", str(tmp_path / "out"), "--device", "cpu", "--no_safety_checker"]
+    assert img2img.main(argv) == 0
+    init_image = load_image(image, Geometry.of(load_config(config)).multiple)
+    expected = compvis_reference.img2img(load_model(config, checkpoint), init_image,
+                                         [["a red circle", "a blue square"], ["a green star"]], steps=6, scale=5.0,
+                                         eta=float(eta), strength=0.6, n_iter=2, seed=3)
+    ours = [np.asarray(Image.open(path)) for path in sorted((tmp_path / "out" / "samples").iterdir())]
+    assert len(ours) == len(expected) == 6
+    for sample, reference in zip(ours, expected):
+        assert np.abs(sample.astype(int) - reference).max() <= 1
 
 
 def test_strength_one_and_zero_run(tmp_path, tiny_checkpoint, photo):

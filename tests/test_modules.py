@@ -5,8 +5,8 @@ import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
 
-from ldm.models.diffusers_interop import transformers_text_encoder
 from ldm.modules.encoders.modules import END_OF_TEXT, START_OF_TEXT, FrozenCLIPEmbedder
+from ldm.testing.diffusers_interop import transformers_text_encoder
 from ldm.util import count_params
 
 PROMPTS = [

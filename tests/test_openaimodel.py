@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from ldm.models.diffusers_interop import diffusers_unet
 from ldm.modules.diffusionmodules.util import normalization
+from ldm.testing.diffusers_interop import diffusers_unet
 from ldm.util import count_params
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers import PNDMScheduler
 
-from ldm.models.diffusion.analytic import GaussianLatentDiffusion
 from ldm.models.diffusion.plms import PLMSSampler
+from ldm.testing.analytic import GaussianLatentDiffusion
 from test_ddim import SHAPE, NonlinearModel, compvis_like, nonlinear_eps, start
 
 
@@ -28,9 +28,8 @@ def test_plms_is_deterministic_only():
         PLMSSampler(GaussianLatentDiffusion()).sample(10, 2, SHAPE, eta=0.5, verbose=False)
 
 
-def test_img2img_decode_with_plms_runs_t_enc_steps():
+def test_img2img_with_plms_runs_t_enc_steps():
     model = GaussianLatentDiffusion()
     sampler = PLMSSampler(model)
-    sampler.make_schedule(50, verbose=False)
-    sampler.decode(start(), None, 20, verbose=False)
+    sampler.img2img(start(), 0.4, 50, None, verbose=False)  # t_enc = 20: steps from grid index 19
     assert model.calls == 21 and model.timesteps_seen[0] == sampler.ddim_timesteps[19]

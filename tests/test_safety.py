@@ -10,7 +10,7 @@ from transformers import CLIPImageProcessorPil
 
 from ldm.generation import load_safety_checker
 from ldm.safety import PLACEHOLDER, SafetyChecker, clip_preprocess
-from ldm.util import InputError
+from ldm.util import InputError, ParameterError
 
 
 @pytest.mark.parametrize("size", [(512, 512), (96, 64), (451, 300), (224, 224), (64, 1000)])
@@ -39,12 +39,13 @@ def test_unflagged_images_are_untouched(passing_checker):
 def test_no_checker_anywhere_refuses_to_run(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     config = OmegaConf.create({"model": {}})
-    with pytest.raises(InputError, match="--no_safety_checker"):
-        load_safety_checker(config, None, disabled=False, device=torch.device("cpu"))
-    assert load_safety_checker(config, None, disabled=True, device=torch.device("cpu")) is None
-    assert load_safety_checker(OmegaConf.create({"safety_checker": False}), None, False, torch.device("cpu")) is None
+    with pytest.raises(ParameterError, match="no safety checker weights found") as error:
+        load_safety_checker(config, True, device=torch.device("cpu"))
+    assert error.value.parameter == "safety_checker"
+    assert load_safety_checker(config, False, device=torch.device("cpu")) is None
+    assert load_safety_checker(OmegaConf.create({"safety_checker": False}), True, torch.device("cpu")) is None
     with pytest.raises(InputError, match="no config.json"):
-        load_safety_checker(config, tmp_path, disabled=False, device=torch.device("cpu"))
+        load_safety_checker(config, tmp_path, device=torch.device("cpu"))
 
 
 def test_the_hugging_face_cache_copy_is_found_offline(flagging_checker, tmp_path, monkeypatch):
@@ -55,5 +56,5 @@ def test_the_hugging_face_cache_copy_is_found_offline(flagging_checker, tmp_path
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("abc123")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
-    checker = load_safety_checker(OmegaConf.create({}), None, disabled=False, device=torch.device("cpu"))
+    checker = load_safety_checker(OmegaConf.create({}), True, device=torch.device("cpu"))
     assert isinstance(checker, SafetyChecker)

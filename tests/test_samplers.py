@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ldm.models.diffusion.samplers import SAMPLERS, make_sampler
+from ldm.models.diffusion.sampling_util import Intermediates
 
 MODEL_CALLS = {"ddim": 5, "plms": 6, "dpm_solver": 5}
 
@@ -38,6 +39,58 @@ def test_one_interface_for_every_sampler(name, tiny_model, conditioning, monkeyp
     assert torch.equal(first, run(0))
     assert not torch.equal(first, run(1))
     assert run(0, torch.float64).dtype == torch.float64
+
+
+# Noise draws after the start code, as the original makes them: DDIM draws z in every update (even with σ = 0),
+# PLMS in every update plus one for its first step's extra update, DPM-Solver none. DDIM's 7-step grid has 8 points.
+ORIGINAL_DRAWS = {("ddim", 5): 5, ("ddim", 7): 8, ("plms", 5): 6, ("dpm_solver", 5): 0}
+
+
+@pytest.mark.parametrize("name, steps", sorted(ORIGINAL_DRAWS))
+def test_the_global_rng_advances_as_in_the_original(name, steps, tiny_model, conditioning):
+    """After a run, the RNG stands where the start noise plus the original's draws leave it, so the next batch of a
+    run starts from the original's noise."""
+    cond, uncond = conditioning
+    torch.manual_seed(0)
+    make_sampler(name, tiny_model).sample(S=steps, batch_size=2, shape=(4, 8, 8), conditioning=cond,
+                                          unconditional_conditioning=uncond, unconditional_guidance_scale=7.5,
+                                          verbose=False)
+    after = torch.get_rng_state()
+    torch.manual_seed(0)
+    for _ in range(1 + ORIGINAL_DRAWS[name, steps]):
+        torch.randn(2, 4, 8, 8)
+    assert torch.equal(after, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("name, draws", [("ddim", 3), ("plms", 4), ("dpm_solver", 0)])
+def test_img2img_draws_its_noise_then_the_samplers(name, draws, tiny_model, conditioning):
+    """strength 0.6 of 5 steps: one noising draw, then one per update over int(0.6·5) = 3 steps (PLMS: one more,
+    for its first step's extra update)."""
+    cond, uncond = conditioning
+    init_latent = torch.zeros(2, 4, 8, 8)
+    torch.manual_seed(0)
+    make_sampler(name, tiny_model).img2img(init_latent, 0.6, 5, cond, unconditional_guidance_scale=7.5,
+                                           unconditional_conditioning=uncond, verbose=False)
+    after = torch.get_rng_state()
+    torch.manual_seed(0)
+    for _ in range(1 + draws):
+        torch.randn(2, 4, 8, 8)
+    assert torch.equal(after, torch.get_rng_state())
+
+
+def test_every_sampler_reports_the_predicted_x0_and_the_same_intermediates(tiny_model, conditioning):
+    cond, uncond = conditioning
+    for name in SAMPLERS:
+        seen = []
+        samples, intermediates = make_sampler(name, tiny_model).sample(
+            S=5, batch_size=2, shape=(4, 8, 8), conditioning=cond, unconditional_conditioning=uncond,
+            unconditional_guidance_scale=7.5, verbose=False, log_every_t=2,
+            callback=lambda step, x, pred_x0: seen.append((step, pred_x0)))
+        assert [step for step, _ in seen] == list(range(5)), name
+        assert all(p is not None and p.shape == (2, 4, 8, 8) for _, p in seen), name
+        assert type(intermediates) is Intermediates
+        assert len(intermediates.x_inter) == len(intermediates.pred_x0) == 4, name  # start, indices 4, 2, 0
+        assert torch.equal(intermediates["x_inter"][-1], samples)
 
 
 def test_unknown_sampler_names_the_choices(tiny_model):

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import compvis_reference
 from conftest import ROOT, TINY_CONFIG, load_script
 from ldm.generation import Geometry
-from ldm.models.loading import load_config
+from ldm.models.loading import load_config, load_model
 
 txt2img = load_script("txt2img")
 
@@ -89,6 +90,52 @@ def test_same_seed_same_pixels_and_different_seed_different_pixels(sampler, tmp_
     assert not np.array_equal(runs["a"], runs["c"])
 
 
+DEMO = (ROOT / "configs/demo/shapes-inference.yaml", ROOT / "models/demo/shapes.safetensors")
+SAMPLER_FLAGS = {"ddim": [], "plms": ["--plms"], "dpm_solver": ["--dpm_solver"], "ddim_eta": ["--ddim_eta", "0.5"]}
+
+
+def model_files(name: str, tiny_checkpoint) -> tuple:
+    return (TINY_CONFIG, tiny_checkpoint) if name == "tiny" else DEMO
+
+
+def saved_samples(outdir) -> list[np.ndarray]:
+    return [pixels(path) for path in sorted((outdir / "samples").iterdir())]
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "demo"])
+@pytest.mark.parametrize("sampler", sorted(SAMPLER_FLAGS))
+def test_every_batch_of_a_run_is_the_originals_picture(model_name, sampler, tmp_path, tiny_checkpoint):
+    """Two iterations over three prompts in batches of two (a short last batch): every sample equals the one
+    CompVis' loop draws from the same seed (up to float32 rounding, ≤ 1/255), the later batches included."""
+    config, checkpoint = model_files(model_name, tiny_checkpoint)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\na green star\n")
+    argv = ["--config", str(config), "--ckpt", str(checkpoint), "--H", "64", "--W", "64", "--ddim_steps", "5",
+            "--n_iter", "2", "--n_samples", "2", "--from-file", str(prompts), "--seed", "11", "--outdir",
+            str(tmp_path / "out"), "--device", "cpu", "--no_safety_checker", *SAMPLER_FLAGS[sampler]]
+    assert txt2img.main(argv) == 0
+    model = load_model(config, checkpoint)
+    shape = Geometry.of(load_config(config)).latent_shape(64, 64)
+    expected = compvis_reference.txt2img(
+        model, [["a red circle", "a blue square"], ["a green star"]], sampler=sampler.removesuffix("_eta"),
+        steps=5, scale=7.5, eta=0.5 if sampler == "ddim_eta" else 0.0, n_iter=2, seed=11, latent_shape=shape)
+    ours = saved_samples(tmp_path / "out")
+    assert len(ours) == len(expected) == 6
+    for image, reference in zip(ours, expected):
+        assert np.abs(image.astype(int) - reference).max() <= 1
+
+
+def test_fixed_code_is_the_originals_start_code(tmp_path, tiny_checkpoint):
+    argv = tiny_run(tmp_path, tiny_checkpoint, "--no_safety_checker", "--fixed_code", "--n_iter", "2", "--seed", "5")
+    assert txt2img.main(argv) == 0
+    model = load_model(TINY_CONFIG, tiny_checkpoint)
+    expected = compvis_reference.txt2img(model, [2 * [txt2img.parse_args([]).prompt]], sampler="ddim", steps=3,
+                                         scale=7.5, eta=0.0, n_iter=2, seed=5, latent_shape=(4, 8, 8),
+                                         fixed_code=True)
+    for image, reference in zip(saved_samples(tmp_path), expected, strict=True):
+        assert np.abs(image.astype(int) - reference).max() <= 1
+
+
 def test_fixed_code_reuses_one_start_code(tmp_path, tiny_checkpoint):
     assert txt2img.main(tiny_run(tmp_path / "fixed", tiny_checkpoint, "--no_safety_checker", "--fixed_code",
                                  "--n_iter", "2")) == 0
@@ -114,9 +161,9 @@ def test_the_safety_checker_replaces_what_it_flags_and_says_so(tmp_path, tiny_ch
     (["--ckpt", "missing.ckpt"], "checkpoint not found"),
     (["--ckpt", "NOT_A_CHECKPOINT"], "not a PyTorch or safetensors file"),
     (["--config", "missing.yaml"], "config not found"),
-    (["--H", "100"], "multiples of 64"),
-    (["--W", "0"], "multiples of 64"),
-    (["--C", "8"], "latent channels"),
+    (["--H", "100"], "--H must be a positive multiple of 64"),
+    (["--W", "0"], "--W must be a positive multiple of 64"),
+    (["--C", "8"], "--C 8 does not match the model's 4 latent channels"),
     (["--ddim_steps", "0"], "--ddim_steps must be a positive"),
     (["--ddim_steps", "5000"], "at most 1000"),
     (["--n_samples", "0"], "--n_samples must be a positive"),

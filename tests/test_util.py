@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import NetworkBlocked
-from ldm.util import count_params, default, get_obj_from_str, instantiate_from_config
+from ldm.util import ParameterError, count_params, get_obj_from_str, instantiate_from_config, seed_everything
 
 
 def test_instantiate_from_config_calls_the_dotted_target_with_params():
@@ -24,13 +24,20 @@ def test_special_strings_mean_no_model_and_target_is_required():
 
 
 def test_get_obj_from_str():
-    assert get_obj_from_str("ldm.util.default") is default
+    assert get_obj_from_str("ldm.util.count_params") is count_params
     with pytest.raises(ValueError):
         get_obj_from_str("Linear")
 
 
-def test_default():
-    assert default(None, 3) == 3 and default(0, 3) == 0 and default(None, lambda: 4) == 4
+def test_seed_everything_seeds_torch_and_refuses_seeds_out_of_range():
+    seed_everything(5)
+    first = torch.randn(3)
+    seed_everything(5)
+    assert torch.equal(first, torch.randn(3))
+    for seed in (-1, 2 ** 32):
+        with pytest.raises(ParameterError, match="seed must be between 0 and 4294967295") as error:
+            seed_everything(seed)
+        assert error.value.parameter == "seed" and isinstance(error.value, ValueError)
 
 
 def _raw_connect():

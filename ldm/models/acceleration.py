@@ -15,7 +15,7 @@
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from torch import nn
 
 from ldm.modules.attention import set_attention_slicing
 from ldm.modules.winograd import set_winograd
-from ldm.util import InputError
+from ldm.util import ParameterError
 
 logger = logging.getLogger(__name__)
 
@@ -35,23 +35,27 @@ class Acceleration:
     """The speed and memory options of a run (the scripts' flags of the same names)."""
 
     compile: bool = False
-    cuda_graph: bool = False
+    cuda_graph: bool | None = None  # None: on where the model runs on CUDA
     attention_slicing: int = 0  # query tokens per attention call; 0: all at once
     vae_slicing: bool = False
     winograd: bool = True
 
-    def check(self, device: torch.device) -> None:
-        if self.cuda_graph and device.type != "cuda":
-            raise InputError(f"--cuda_graph needs a CUDA device; this run uses {device.type}")
+    def for_device(self, device: torch.device) -> "Acceleration":
+        """These options checked for ``device``, with ``cuda_graph`` decided."""
+        cuda_graph = device.type == "cuda" if self.cuda_graph is None else self.cuda_graph
+        if cuda_graph and device.type != "cuda":
+            raise ParameterError("cuda_graph", f"needs a CUDA device; this run uses {device.type}")
         if self.compile and not torch._dynamo.is_dynamo_supported():
-            raise InputError("--compile: torch.compile does not support this Python version")
+            raise ParameterError("compile", "needs torch.compile, which does not support this Python version")
         if self.attention_slicing < 0:
-            raise InputError(f"--attention_slicing must be 0 (off) or a positive number of tokens, "
-                             f"got {self.attention_slicing}")
+            raise ParameterError("attention_slicing", "must be 0 (off) or a positive number of tokens, "
+                                 f"got {self.attention_slicing}")
+        return replace(self, cuda_graph=cuda_graph)
 
 
 def accelerate(model: nn.Module, acceleration: Acceleration) -> None:
-    """Apply ``acceleration`` to a loaded LatentDiffusion in place (its UNet is wrapped, its weights shared)."""
+    """Apply ``acceleration`` (checked by :meth:`Acceleration.for_device`) to a loaded LatentDiffusion in place
+    (its UNet is wrapped, its weights shared)."""
     set_attention_slicing(model, acceleration.attention_slicing)
     set_winograd(model, acceleration.winograd)
     wrapper = model.model

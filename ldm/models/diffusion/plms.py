@@ -3,12 +3,13 @@
 Each step is a DDIM step (η = 0) taken with a combined noise estimate ε′:
 the first step averages ε at both ends of the step (a pseudo improved-Euler step, one extra model call),
 later steps use Adams–Bashforth weights over the last 2, 3, then 4 noise predictions.
-S steps therefore cost S + 1 model calls.
+S steps therefore cost S + 1 model calls and, as in the original, S + 1 noise draws (each DDIM update draws).
 """
 
 import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.util import ParameterError
 
 # ε′ = Σ_k w_k·ε_{n−k}, most recent first, by the number of earlier predictions available.
 ADAMS_BASHFORTH_WEIGHTS = {
@@ -25,7 +26,7 @@ class PLMSSampler(DDIMSampler):
 
     def make_schedule(self, ddim_num_steps: int, ddim_eta: float = 0.0, verbose: bool = True) -> None:
         if ddim_eta != 0:
-            raise ValueError("PLMS is deterministic: eta must be 0")
+            raise ParameterError("eta", "must be 0 with PLMS (it is deterministic)")
         super().make_schedule(ddim_num_steps, ddim_eta, verbose)
 
     def _step(self, x: torch.Tensor, index: int, eps_at, history: list[torch.Tensor],

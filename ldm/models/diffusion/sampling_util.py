@@ -1,19 +1,49 @@
-"""What every sampler shares: the DDIM time grid and coefficients, classifier-free guidance, the noise draw.
-
-Callback convention, for every sampler: ``callback(step, x, pred_x0)`` after each step, with the step index
-(0-based, in sampling order), the current latent and the x_0 predicted on the way (``None`` where a
-sampler does not form one).
-"""
+"""What every sampler shares: the DDIM time grid and coefficients, classifier-free guidance, the noise draw,
+the step callback and the record of intermediate latents (the protocol itself: :mod:`.samplers`)."""
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from ldm.util import ParameterError
+
 logger = logging.getLogger(__name__)
 
-StepCallback = Callable[[int, torch.Tensor, torch.Tensor | None], None]
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+"""``callback(step, x, pred_x0)`` after each step: the step index (0-based, in sampling order), the latent after
+the step and the x̂_0 the step was taken with."""
+
+
+@dataclass
+class Intermediates:
+    """Latents on the way, as the original's DDIM records them: the start, then the latent after each step whose
+    countdown index (steps − 1 … 0) is a multiple of ``log_every_t``, and after the first step.
+
+    ``x_inter[k]`` is the latent, ``pred_x0[k]`` the x̂_0 its step was taken with (the start's is the start).
+    ``intermediates["x_inter"]`` works too, as with the original's dict.
+    """
+
+    x_inter: list[torch.Tensor] = field(default_factory=list)
+    pred_x0: list[torch.Tensor] = field(default_factory=list)
+    log_every_t: int = 100
+
+    def start(self, x: torch.Tensor) -> None:
+        self.x_inter.append(x)
+        self.pred_x0.append(x)
+
+    def step(self, index: int, total: int, x: torch.Tensor, pred_x0: torch.Tensor) -> None:
+        """Record the latent after the step at countdown ``index`` of ``total`` if the rule above picks it."""
+        if index % self.log_every_t == 0 or index == total - 1:
+            self.x_inter.append(x)
+            self.pred_x0.append(pred_x0)
+
+    def __getitem__(self, key: str) -> list[torch.Tensor]:
+        if key not in ("x_inter", "pred_x0"):
+            raise KeyError(key)
+        return getattr(self, key)
 
 
 def make_ddim_timesteps(num_steps: int, num_ddpm_timesteps: int = 1000) -> np.ndarray:
@@ -24,7 +54,7 @@ def make_ddim_timesteps(num_steps: int, num_ddpm_timesteps: int = 1000) -> np.nd
     timestep T is dropped, so those S give exactly S steps instead of an index error (and S = T gives T − 1).
     """
     if not 1 <= num_steps <= num_ddpm_timesteps:
-        raise ValueError(f"the number of sampling steps must be between 1 and {num_ddpm_timesteps}, got {num_steps}")
+        raise ParameterError("steps", f"must be between 1 and {num_ddpm_timesteps}, got {num_steps}")
     timesteps = np.arange(0, num_ddpm_timesteps, num_ddpm_timesteps // num_steps) + 1
     return timesteps[timesteps < num_ddpm_timesteps]
 

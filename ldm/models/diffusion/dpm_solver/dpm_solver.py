@@ -13,11 +13,11 @@ x_θ = (x − σ_t·ε_θ)/α_t. The exact solutions of the probability-flow ODE
     DPM-Solver++ (eq. 9):    x_t = (σ_t/σ_s)·x_s + σ_t ∫_{λ_s}^{λ_t} e^{λ} x_θ dλ,
 
 and expanding the prediction M (ε_θ or x_θ) in λ gives the k-th order solvers, with
-φ_1(η) = e^η − 1, φ_2(η) = φ_1(η)/η − 1, φ_3(η) = φ_2(η)/η − 1/2. The two algorithms are the same formulas
-under (α, σ, h) ↔ (σ, α, −h). With (a, b, η) = (α, σ, h) for DPM-Solver and (σ, α, −h) for DPM-Solver++,
+φ_1(ĥ) = e^ĥ − 1, φ_2(ĥ) = φ_1(ĥ)/ĥ − 1, φ_3(ĥ) = φ_2(ĥ)/ĥ − 1/2. The two algorithms are the same formulas
+under (α, σ, h) ↔ (σ, α, −h). With (a, b, ĥ) = (α, σ, h) for DPM-Solver and (σ, α, −h) for DPM-Solver++,
 every update here reads
 
-    x_t = (a_t/a_s)·x_s − b_t·φ_1(η)·M_s − b_t·(higher-order terms in the differences of M).
+    x_t = (a_t/a_s)·x_s − b_t·φ_1(ĥ)·M_s − b_t·(higher-order terms in the differences of M).
 
 Discrete-time models (N training steps, ᾱ_n) live on t_n = (n + 1)/N with log α_t interpolated linearly between
 those points; the network is fed (t − 1/N)·N. The time grid and all step coefficients are Python floats computed
@@ -198,19 +198,19 @@ def model_wrapper(model: Callable, noise_schedule: NoiseScheduleVP, model_type: 
     return model_fn
 
 
-def phi_1(eta: float) -> float:
-    """e^η − 1."""
-    return math.expm1(eta)
+def phi_1(h: float) -> float:
+    """e^h − 1, for the signed step h = ĥ."""
+    return math.expm1(h)
 
 
-def phi_2(eta: float) -> float:
-    """(e^η − 1)/η − 1."""
-    return phi_1(eta) / eta - 1.0
+def phi_2(h: float) -> float:
+    """(e^h − 1)/h − 1."""
+    return phi_1(h) / h - 1.0
 
 
-def phi_3(eta: float) -> float:
-    """φ_2(η)/η − 1/2."""
-    return phi_2(eta) / eta - 0.5
+def phi_3(h: float) -> float:
+    """φ_2(h)/h − 1/2."""
+    return phi_2(h) / h - 0.5
 
 
 class Marginals(NamedTuple):
@@ -220,11 +220,12 @@ class Marginals(NamedTuple):
 
 
 class StepCoefficients(NamedTuple):
-    """For a step s → t: x_t = ratio·x_s − b_t·(…), with ratio = a_t/a_s and η = ±h (see the module docstring)."""
+    """For a step s → t: x_t = ratio·x_s − b_t·(…), with ratio = a_t/a_s and the signed step ĥ = ±h (see the
+    module docstring)."""
 
     ratio: float
     b_t: float
-    eta: float
+    h_signed: float
 
 
 class DPM_Solver:
@@ -252,6 +253,7 @@ class DPM_Solver:
         self.thresholding_max_val = thresholding_max_val
         self.dynamic_thresholding_ratio = dynamic_thresholding_ratio
         self.nfe = 0
+        self._latest: tuple[torch.Tensor, torch.Tensor, float] | None = None  # (x, M(x, t), t) of the last call
         self._marginals_at: dict[float, Marginals] = {}
         # Order → update, each as (x, s, t, M_s, ratios r1[, r2], solver_type) -> x_t.
         self._single_updates = {
@@ -287,7 +289,7 @@ class DPM_Solver:
         return self.noise_schedule.inverse_lambda(torch.tensor([lamb], dtype=torch.float64)).item()
 
     def _coefficients(self, s: float, t: float) -> StepCoefficients:
-        """(a_t/a_s, b_t, η): (α_t/α_s, σ_t, h) for DPM-Solver, (σ_t/σ_s, α_t, −h) for DPM-Solver++."""
+        """(a_t/a_s, b_t, ĥ): (α_t/α_s, σ_t, h) for DPM-Solver, (σ_t/σ_s, α_t, −h) for DPM-Solver++."""
         m_s, m_t = self._marginals(s), self._marginals(t)
         h = m_t.lamb - m_s.lamb
         if self.algorithm_type == "dpmsolver":
@@ -301,9 +303,20 @@ class DPM_Solver:
         self.nfe += 1
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
         noise = self.model(x, t_batch)
-        if self.algorithm_type == "dpmsolver":
-            return noise
-        return self._data_from_noise(x, noise, t, t_batch)
+        output = noise if self.algorithm_type == "dpmsolver" else self._data_from_noise(x, noise, t, t_batch)
+        self._latest = (x, output, t)
+        return output
+
+    def latest_data_prediction(self) -> torch.Tensor | None:
+        """x̂_0 of the latest model evaluation (None before the first): the model's own output for DPM-Solver++,
+        (x − σ_t·ε_θ)/α_t for DPM-Solver. After a step, the x̂_0 that the step was taken with."""
+        if self._latest is None:
+            return None
+        x, output, t = self._latest
+        if self.algorithm_type == "dpmsolver++":
+            return output
+        marginals = self._marginals(t)
+        return (x - math.exp(marginals.log_sigma) * output) / math.exp(marginals.log_alpha)
 
     def _data_from_noise(self, x: torch.Tensor, noise: torch.Tensor, t: float, t_batch: torch.Tensor
                          ) -> torch.Tensor:
@@ -320,25 +333,25 @@ class DPM_Solver:
     # Update rules: one step from s to t. M denotes the model output (ε or x_0), see the module docstring.
 
     def first_update(self, x: torch.Tensor, s: float, t: float, model_s: torch.Tensor) -> torch.Tensor:
-        """DPM-Solver-1 (eq. 3.7; ≡ DDIM): x_t = (a_t/a_s)·x_s − b_t·φ_1(η)·M_s."""
+        """DPM-Solver-1 (eq. 3.7; ≡ DDIM): x_t = (a_t/a_s)·x_s − b_t·φ_1(ĥ)·M_s."""
         c = self._coefficients(s, t)
-        return c.ratio * x - c.b_t * phi_1(c.eta) * model_s
+        return c.ratio * x - c.b_t * phi_1(c.h_signed) * model_s
 
     def singlestep_second_update(self, x: torch.Tensor, s: float, t: float, model_s: torch.Tensor,
                                  r1: float = 0.5, solver_type: str = "dpmsolver"
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """DPM-Solver-2 (Alg. 1) / DPM-Solver++(2S) (Alg. 1): one intermediate point s_1 at λ_s + r1·h.
 
-        u = (a_{s1}/a_s)·x_s − b_{s1}·φ_1(r1·η)·M_s,  D = M(u, s_1) − M_s,
-        x_t = (a_t/a_s)·x_s − b_t·φ_1(η)·M_s − b_t·[φ_1(η)/(2·r1) | φ_2(η)/r1]·D  (dpmsolver | taylor).
+        u = (a_{s1}/a_s)·x_s − b_{s1}·φ_1(r1·ĥ)·M_s,  D = M(u, s_1) − M_s,
+        x_t = (a_t/a_s)·x_s − b_t·φ_1(ĥ)·M_s − b_t·[φ_1(ĥ)/(2·r1) | φ_2(ĥ)/r1]·D  (dpmsolver | taylor).
         Returns x_t and M(u, s_1).
         """
         s1 = self._time_at(self._lambda(s) + r1 * (self._lambda(t) - self._lambda(s)))
         c1 = self._coefficients(s, s1)
-        model_s1 = self._model(c1.ratio * x - c1.b_t * phi_1(c1.eta) * model_s, s1)
+        model_s1 = self._model(c1.ratio * x - c1.b_t * phi_1(c1.h_signed) * model_s, s1)
         c = self._coefficients(s, t)
-        second = phi_1(c.eta) / (2.0 * r1) if solver_type == "dpmsolver" else phi_2(c.eta) / r1
-        x_t = c.ratio * x - c.b_t * phi_1(c.eta) * model_s - c.b_t * second * (model_s1 - model_s)
+        second = phi_1(c.h_signed) / (2.0 * r1) if solver_type == "dpmsolver" else phi_2(c.h_signed) / r1
+        x_t = c.ratio * x - c.b_t * phi_1(c.h_signed) * model_s - c.b_t * second * (model_s1 - model_s)
         return x_t, model_s1
 
     def singlestep_third_update(self, x: torch.Tensor, s: float, t: float, model_s: torch.Tensor,
@@ -346,11 +359,11 @@ class DPM_Solver:
                                 model_s1: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """DPM-Solver-3 (Alg. 2) / DPM-Solver++(3S): points s_1, s_2 at λ_s + r1·h, λ_s + r2·h.
 
-        u_1 = (a_{s1}/a_s)·x_s − b_{s1}·φ_1(r1·η)·M_s,
-        u_2 = (a_{s2}/a_s)·x_s − b_{s2}·φ_1(r2·η)·M_s − b_{s2}·(r2/r1)·φ_2(r2·η)·(M_{s1} − M_s),
-        dpmsolver: x_t = (a_t/a_s)·x_s − b_t·φ_1(η)·M_s − b_t·φ_2(η)/r2·(M_{s2} − M_s);
+        u_1 = (a_{s1}/a_s)·x_s − b_{s1}·φ_1(r1·ĥ)·M_s,
+        u_2 = (a_{s2}/a_s)·x_s − b_{s2}·φ_1(r2·ĥ)·M_s − b_{s2}·(r2/r1)·φ_2(r2·ĥ)·(M_{s1} − M_s),
+        dpmsolver: x_t = (a_t/a_s)·x_s − b_t·φ_1(ĥ)·M_s − b_t·φ_2(ĥ)/r2·(M_{s2} − M_s);
         taylor: with D1 = (r2·Δ1/r1 − r1·Δ2/r2)/(r2 − r1), D2 = 2·(Δ2/r2 − Δ1/r1)/(r2 − r1), Δi = M_{si} − M_s,
-        x_t = (a_t/a_s)·x_s − b_t·(φ_1(η)·M_s + φ_2(η)·D1 + φ_3(η)·D2).
+        x_t = (a_t/a_s)·x_s − b_t·(φ_1(ĥ)·M_s + φ_2(ĥ)·D1 + φ_3(ĥ)·D2).
         ``model_s1`` may be given (the adaptive solver has it already). Returns x_t and M(u_2, s_2).
         """
         lambda_s = self._lambda(s)
@@ -358,33 +371,33 @@ class DPM_Solver:
         s1, s2 = self._time_at(lambda_s + r1 * h), self._time_at(lambda_s + r2 * h)
         if model_s1 is None:
             c1 = self._coefficients(s, s1)
-            model_s1 = self._model(c1.ratio * x - c1.b_t * phi_1(c1.eta) * model_s, s1)
+            model_s1 = self._model(c1.ratio * x - c1.b_t * phi_1(c1.h_signed) * model_s, s1)
         c2 = self._coefficients(s, s2)
-        x_s2 = (c2.ratio * x - c2.b_t * phi_1(c2.eta) * model_s
-                - c2.b_t * (r2 / r1) * phi_2(c2.eta) * (model_s1 - model_s))
+        x_s2 = (c2.ratio * x - c2.b_t * phi_1(c2.h_signed) * model_s
+                - c2.b_t * (r2 / r1) * phi_2(c2.h_signed) * (model_s1 - model_s))
         model_s2 = self._model(x_s2, s2)
         c = self._coefficients(s, t)
-        x_t = c.ratio * x - c.b_t * phi_1(c.eta) * model_s
+        x_t = c.ratio * x - c.b_t * phi_1(c.h_signed) * model_s
         if solver_type == "dpmsolver":
-            return x_t - c.b_t * phi_2(c.eta) / r2 * (model_s2 - model_s), model_s2
+            return x_t - c.b_t * phi_2(c.h_signed) / r2 * (model_s2 - model_s), model_s2
         d1_0, d1_1 = (model_s1 - model_s) / r1, (model_s2 - model_s) / r2
         d1 = (r2 * d1_0 - r1 * d1_1) / (r2 - r1)
         d2 = 2.0 * (d1_1 - d1_0) / (r2 - r1)
-        return x_t - c.b_t * phi_2(c.eta) * d1 - c.b_t * phi_3(c.eta) * d2, model_s2
+        return x_t - c.b_t * phi_2(c.h_signed) * d1 - c.b_t * phi_3(c.h_signed) * d2, model_s2
 
     def multistep_second_update(self, x: torch.Tensor, model_prev: list[torch.Tensor], t_prev: list[float],
                                 t: float, solver_type: str = "dpmsolver") -> torch.Tensor:
         """DPM-Solver++(2M) (Alg. 2) and its DPM-Solver analogue, from the last two model outputs.
 
         With h_0 = λ_{prev0} − λ_{prev1}, r0 = h_0/h and D1 = (M_{prev0} − M_{prev1})/r0:
-        x_t = (a_t/a_{prev0})·x − b_t·φ_1(η)·M_{prev0} − b_t·[φ_1(η)/2 | φ_2(η)]·D1  (dpmsolver | taylor).
+        x_t = (a_t/a_{prev0})·x − b_t·φ_1(ĥ)·M_{prev0} − b_t·[φ_1(ĥ)/2 | φ_2(ĥ)]·D1  (dpmsolver | taylor).
         """
         lambda_1, lambda_0 = self._lambda(t_prev[-2]), self._lambda(t_prev[-1])
         r0 = (lambda_0 - lambda_1) / (self._lambda(t) - lambda_0)
         d1 = (model_prev[-1] - model_prev[-2]) / r0
         c = self._coefficients(t_prev[-1], t)
-        second = 0.5 * phi_1(c.eta) if solver_type == "dpmsolver" else phi_2(c.eta)
-        return c.ratio * x - c.b_t * phi_1(c.eta) * model_prev[-1] - c.b_t * second * d1
+        second = 0.5 * phi_1(c.h_signed) if solver_type == "dpmsolver" else phi_2(c.h_signed)
+        return c.ratio * x - c.b_t * phi_1(c.h_signed) * model_prev[-1] - c.b_t * second * d1
 
     def multistep_third_update(self, x: torch.Tensor, model_prev: list[torch.Tensor], t_prev: list[float],
                                t: float, solver_type: str = "dpmsolver") -> torch.Tensor:
@@ -392,7 +405,7 @@ class DPM_Solver:
 
         r0 = h_0/h, r1 = h_1/h; D1_0 = (M_0 − M_1)/r0, D1_1 = (M_1 − M_2)/r1;
         D1 = D1_0 + r0/(r0 + r1)·(D1_0 − D1_1), D2 = (D1_0 − D1_1)/(r0 + r1);
-        x_t = (a_t/a_{prev0})·x − b_t·(φ_1(η)·M_0 + φ_2(η)·D1 + φ_3(η)·D2).
+        x_t = (a_t/a_{prev0})·x − b_t·(φ_1(ĥ)·M_0 + φ_2(ĥ)·D1 + φ_3(ĥ)·D2).
         """
         lambda_2, lambda_1, lambda_0 = (self._lambda(s) for s in t_prev[-3:])
         h = self._lambda(t) - lambda_0
@@ -402,7 +415,8 @@ class DPM_Solver:
         d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
         d2 = (d1_0 - d1_1) / (r0 + r1)
         c = self._coefficients(t_prev[-1], t)
-        return c.ratio * x - c.b_t * (phi_1(c.eta) * model_prev[-1] + phi_2(c.eta) * d1 + phi_3(c.eta) * d2)
+        signed = c.h_signed
+        return c.ratio * x - c.b_t * (phi_1(signed) * model_prev[-1] + phi_2(signed) * d1 + phi_3(signed) * d2)
 
     # Time grids and loops.
 

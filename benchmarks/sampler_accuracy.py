@@ -11,7 +11,7 @@ step 0 (DDIM and PLMS start their grid at step 1 + (S − 1)·⌊1000/S⌋, as t
 
 Prints Markdown tables and writes a log-log plot.
 
-    python scripts/benchmark_samplers.py [--model demo] [--out outputs/benchmark_samplers.png]
+    python benchmarks/sampler_accuracy.py [--model demo] [--out outputs/sampler_accuracy.png]
 """
 
 import argparse
@@ -20,8 +20,8 @@ from pathlib import Path
 import matplotlib
 import torch
 
-from ldm.models.diffusion.analytic import GaussianLatentDiffusion, exact_solution
 from ldm.models.diffusion.samplers import make_sampler
+from ldm.testing.analytic import GaussianLatentDiffusion, exact_solution
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    out = args.out or Path(f"outputs/benchmark_samplers_{args.model}.png")
+    out = args.out or Path(f"outputs/sampler_accuracy_{args.model}.png")
     if args.model == "analytic":
         errors = analytic_errors(args.scale, args.seed)
         print(table(errors))

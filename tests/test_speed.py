@@ -1,4 +1,4 @@
-"""scripts/benchmark.py: a smoke run on the CPU with the tiny model (in a subprocess: the script sets global
+"""benchmarks/speed.py: a smoke run on the CPU with the tiny model (in a subprocess: the script sets global
 torch state, such as the thread count)."""
 
 import json
@@ -10,7 +10,7 @@ from conftest import ROOT
 
 
 def test_tiny_cpu_benchmark_checks_agreement_and_prints_table_and_json():
-    command = [sys.executable, str(ROOT / "scripts/benchmark.py"), "--size", "tiny", "--device", "cpu",
+    command = [sys.executable, str(ROOT / "benchmarks/speed.py"), "--size", "tiny", "--device", "cpu",
                "--repeats", "1", "--steps", "3", "--batches", "1", "--image_batches", "1"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -28,11 +28,7 @@ def test_tiny_cpu_benchmark_checks_agreement_and_prints_table_and_json():
 
 
 def test_a_failing_side_is_reported_and_the_other_still_timed(capsys):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import benchmark
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    from benchmarks import speed as benchmark
     args = benchmark.parse_args(["--device", "cpu", "--repeats", "3"])
     calls = []
 

@@ -1,7 +1,7 @@
 """Speed and memory of our Stable Diffusion v1 against diffusers on identical random weights, in one process.
 
 Builds our LatentDiffusion from a config with random weights, and diffusers' UNet2DConditionModel and
-AutoencoderKL and transformers' CLIPTextModel with the same weights (ldm.models.diffusers_interop). First
+AutoencoderKL and transformers' CLIPTextModel with the same weights (ldm.testing.diffusers_interop). First
 checks that the two give the same text features, UNet ε and VAE decode, and refuses to time if they do not.
 Then times, for each variant (eager; on CUDA our UNet replayed from CUDA graphs against diffusers' eager, both
 without a compile wait; with ``--compile`` both UNets torch.compile'd, and on CUDA also compiled with CUDA
@@ -20,9 +20,9 @@ between ours and diffusers' (a slow spell of a shared machine falls on both), th
 A variant that fails (compile error, out of memory) is reported and skipped; measurements that would start
 after ``--budget_s`` seconds are skipped. Prints a Markdown table, then one line ``JSON: {...}``.
 
-    python scripts/benchmark.py                                   # full size, float16 on CUDA; tiny on the CPU
-    python scripts/benchmark.py --compile --peak_tflops 989       # H100 SXM dense fp16/bf16 peak
-    python scripts/benchmark.py --size tiny --device cpu --repeats 1
+    python benchmarks/speed.py                                   # full size, float16 on CUDA; tiny on the CPU
+    python benchmarks/speed.py --compile --peak_tflops 989       # H100 SXM dense fp16/bf16 peak
+    python benchmarks/speed.py --size tiny --device cpu --repeats 1
 """
 
 import argparse
@@ -46,10 +46,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ldm.generation import decode_images
 from ldm.models.acceleration import Acceleration, accelerate
-from ldm.models.diffusers_interop import diffusers_unet, diffusers_vae, transformers_text_encoder
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.loading import build_model, load_config
 from ldm.modules.encoders.modules import clip_tokenizer
+from ldm.testing.diffusers_interop import diffusers_unet, diffusers_vae, transformers_text_encoder
 from ldm.util import randomize_parameters_
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,7 +235,7 @@ class Variant:
 
 def variants(args: argparse.Namespace) -> Iterator[Variant]:
     cuda_reason = None if args.device.type == "cuda" else "CUDA graphs need a CUDA device"
-    yield Variant("eager", Acceleration(), None)
+    yield Variant("eager", Acceleration(cuda_graph=False), None)
     yield Variant("ours CUDA graph, diffusers eager", Acceleration(cuda_graph=True), None, cuda_reason)
     if not args.compile:
         return

@@ -1,0 +1,2 @@
+"""What tests and benchmarks measure us against: an exactly solvable diffusion problem (:mod:`.analytic`) and the
+peer implementations with our weights (:mod:`.diffusers_interop`). Sampling never imports this package."""
