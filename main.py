@@ -67,20 +67,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     seed_everything(args.seed)
     try:
-        config = OmegaConf.merge(*(load_config(path) for path in args.base), OmegaConf.from_dotlist(args.overrides))
+        merged = OmegaConf.merge(*(load_config(path) for path in args.base), OmegaConf.from_dotlist(args.overrides))
+        config = load_config(merged)  # the overrides may add interpolations and targets too: check them all again
         model = build_model(config)
+        module = get_obj_from_str(config.training.target)(model, **config.training.get("params", {}))
+        if not args.train:
+            logger.info("built %s; pass -t to train", type(model).__name__)
+            return 0
+        loader = training_data(config, model)
+        evaluation = callbacks(config)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     name = args.name or Path(args.base[-1]).stem
-    module = get_obj_from_str(config.training.target)(model, **config.training.get("params", {}))
-    if not args.train:
-        logger.info("built %s; pass -t to train", type(model).__name__)
-        return 0
-    loader = training_data(config, model)
     run_dir = Path(args.logdir) / name
     trainer = pl.Trainer(default_root_dir=run_dir, logger=CSVLogger(run_dir, name="", version=""),
-                         enable_checkpointing=False, accelerator="auto", devices=1, callbacks=callbacks(config),
+                         enable_checkpointing=False, accelerator="auto", devices=1, callbacks=evaluation,
                          **OmegaConf.to_container(config.lightning.trainer))
     start = time.perf_counter()
     try:

@@ -9,6 +9,8 @@ one line on stderr, naming the flag, and exit code 2, before anything is written
 import argparse
 import functools
 import logging
+import math
+import secrets
 import sys
 from pathlib import Path
 from typing import Callable
@@ -16,10 +18,13 @@ from typing import Callable
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from ldm.generation import DEVICES, PRECISIONS, Generated, Pipeline
+from ldm.generation import (DEVICES, PRECISIONS, Generated, Pipeline, activation_bytes, available_bytes, resolve_device,
+                            resolve_precision)
 from ldm.models.acceleration import Acceleration
 from ldm.output import RunOutput, check_writable
-from ldm.util import InputError, ParameterError, check_seed, seed_everything
+from ldm.util import InputError, ParameterError, Problems, check_seed, seed_everything
+
+logger = logging.getLogger("ldm")
 
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
@@ -52,6 +57,10 @@ def clean_exit(main: Callable[[list[str] | None], int]) -> Callable[[list[str] |
         logging.getLogger("ldm").setLevel(logging.INFO)
         try:
             return main(argv)
+        except Problems as problems:
+            print("error: " + "; ".join(flag_message(error) if isinstance(error, ParameterError) else str(error)
+                                        for error in problems.errors), file=sys.stderr)
+            return 2
         except InputError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
@@ -64,51 +73,107 @@ def clean_exit(main: Callable[[list[str] | None], int]) -> Callable[[list[str] |
     return wrapper
 
 
-def add_prompt_and_output_arguments(parser: argparse.ArgumentParser, outdir: str) -> None:
-    parser.add_argument("--prompt", type=str, nargs="?", default=DEFAULT_PROMPT, help="the prompt to render")
-    parser.add_argument("--outdir", type=str, nargs="?", default=outdir, help="dir to write results to")
-    parser.add_argument("--skip_grid", action="store_true",
+GROUPS = {"prompt": "prompt", "sampling": "sampling", "model": "model and device", "output": "output",
+          "speed": "speed and memory (results change by rounding only)", "safety": "safety"}
+MAX_SCALE = 100.0  # guidance beyond this only saturates the picture; 1e30 would make it black
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each flag's help (not for switches that are off), the description (a script's docstring,
+    with its examples) kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ScriptParser(argparse.ArgumentParser):
+    """The scripts' parser: flags in groups, defaults in --help, and a bad flag as one line (exit 2) like every
+    other user error."""
+
+    def __init__(self, description: str):
+        super().__init__(description=description, formatter_class=HelpFormatter)
+        self.groups = {name: self.add_argument_group(title) for name, title in GROUPS.items()}
+
+    def group(self, name: str) -> argparse._ArgumentGroup:
+        return self.groups[name]
+
+    def error(self, message: str):
+        raise InputError(message)
+
+
+def finite_float(text: str) -> float:
+    """A float flag's type: NaN and infinities are refused (they would draw black pictures)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def add_prompt_and_output_arguments(parser: ScriptParser, outdir: str) -> None:
+    prompt, output, sampling = parser.group("prompt"), parser.group("output"), parser.group("sampling")
+    prompt.add_argument("--prompt", type=str, nargs="?", default=DEFAULT_PROMPT, help="the prompt to render")
+    output.add_argument("--outdir", type=str, nargs="?", default=outdir, help="dir to write results to")
+    output.add_argument("--skip_grid", action="store_true",
                         help="do not save a grid, only individual samples. Helpful when evaluating lots of samples")
-    parser.add_argument("--skip_save", action="store_true", help="do not save individual samples")
-    parser.add_argument("--ddim_steps", type=int, default=50, help="number of sampling steps")
-    parser.add_argument("--plms", action="store_true", help="use plms sampling")
-    parser.add_argument("--dpm_solver", action="store_true", help="use dpm_solver sampling (wins over --plms)")
+    output.add_argument("--skip_save", action="store_true", help="do not save individual samples")
+    sampling.add_argument("--ddim_steps", type=int, default=50, help="number of sampling steps")
+    sampling.add_argument("--plms", action="store_true", help="use plms sampling")
+    sampling.add_argument("--dpm_solver", action="store_true", help="use dpm_solver sampling (wins over --plms)")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, n_iter: int, n_samples: int, scale: float) -> None:
-    parser.add_argument("--ddim_eta", type=float, default=0.0, help="ddim eta (eta=0.0 corresponds to deterministic "
-                        "sampling)")
-    parser.add_argument("--n_iter", type=int, default=n_iter, help="sample this often")
-    parser.add_argument("--n_samples", type=int, default=n_samples,
-                        help="how many samples to produce for each given prompt. A.k.a. batch size")
-    parser.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
-    parser.add_argument("--scale", type=float, default=scale,
-                        help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - eps(x, empty))")
-    parser.add_argument("--from-file", type=str, help="if specified, load prompts from this file, one per line")
+def add_model_arguments(parser: ScriptParser, n_iter: int, n_samples: int, scale: float) -> None:
+    sampling = parser.group("sampling")
+    sampling.add_argument("--ddim_eta", type=finite_float, default=0.0,
+                          help="ddim eta (eta=0.0 corresponds to deterministic sampling), in [0, 1]")
+    sampling.add_argument("--n_iter", type=int, default=n_iter, help="sample this often")
+    sampling.add_argument("--n_samples", type=int, default=n_samples,
+                          help="how many samples to produce for each given prompt. A.k.a. batch size")
+    parser.group("output").add_argument("--n_rows", type=int, default=0,
+                                        help="images per grid row (0: n_samples)")
+    sampling.add_argument("--scale", type=finite_float, default=scale,
+                          help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - "
+                               f"eps(x, empty)), at most {MAX_SCALE:g}")
+    parser.group("prompt").add_argument("--from-file", type=str,
+                                        help="if specified, load prompts from this file, one per line")
     add_checkpoint_arguments(parser)
 
 
-def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=str, default=DEFAULT_CONFIG, help="path to config which constructs model")
-    parser.add_argument("--ckpt", type=str, default=DEFAULT_CKPT, help="path to checkpoint of model")
-    parser.add_argument("--seed", type=int, default=42, help="the seed (for reproducible sampling)")
-    parser.add_argument("--precision", type=str, choices=PRECISIONS, default="auto",
-                        help="evaluate at this precision: auto (fp16 on GPUs, full on the CPU), full (float32), "
-                             "autocast (float32 weights, float16 autocast on GPUs: the original's default), fp16 or "
-                             "bf16 weights")
+def add_size_arguments(parser: ScriptParser) -> None:
+    model = parser.group("model")
+    model.add_argument("--C", type=int, default=None, help="latent channels (default: the config's, 4 for SD v1)")
+    model.add_argument("--f", type=int, default=None, help="downsampling factor (default: the config's, 8 for SD v1)")
 
 
-def add_extra_arguments(parser: argparse.ArgumentParser) -> None:
-    """Beyond the original: negative prompt, device choice, safety checker location."""
-    parser.add_argument("--negative_prompt", type=str, default="",
-                        help="what to steer away from (replaces the empty unconditional prompt)")
-    parser.add_argument("--device", type=str, default="auto", choices=DEVICES,
-                        help="where to run: auto picks cuda, then mps, then cpu")
-    parser.add_argument("--safety_checker", type=str, default=None, metavar="DIR",
+def add_checkpoint_arguments(parser: ScriptParser) -> None:
+    model = parser.group("model")
+    model.add_argument("--config", type=str, default=DEFAULT_CONFIG, help="path to config which constructs model")
+    model.add_argument("--ckpt", type=str, default=DEFAULT_CKPT, help="path to checkpoint of model")
+    parser.group("sampling").add_argument("--seed", type=int, default=42,
+                                          help="the seed (for reproducible sampling); -1 picks a random one and "
+                                               "reports it")
+    model.add_argument("--precision", type=str, choices=PRECISIONS, default="auto",
+                       help="evaluate at this precision: auto (fp16 on GPUs, full on the CPU), full (float32), "
+                            "autocast (float32 weights, float16 autocast on GPUs: the original's default), fp16 or "
+                            "bf16 weights")
+
+
+def add_extra_arguments(parser: ScriptParser) -> None:
+    """Beyond the original: negative prompt, device choice, safety checker location, speed and memory."""
+    parser.group("prompt").add_argument("--negative_prompt", type=str, default="",
+                                        help="what to steer away from (replaces the empty unconditional prompt)")
+    parser.group("model").add_argument("--device", type=str, default="auto", choices=DEVICES,
+                                       help="where to run: auto picks cuda, then mps, then cpu")
+    safety = parser.group("safety")
+    safety.add_argument("--safety_checker", type=str, default=None, metavar="DIR",
                         help="local diffusers-format copy of CompVis/stable-diffusion-safety-checker "
                              "(default: the Hugging Face cache's copy, if any)")
-    parser.add_argument("--no_safety_checker", action="store_true", help="run without the safety checker")
-    speed = parser.add_argument_group("speed and memory (results change by rounding only)")
+    safety.add_argument("--no_safety_checker", action="store_true", help="run without the safety checker")
+    speed = parser.group("speed")
     speed.add_argument("--cuda_graph", action=argparse.BooleanOptionalAction, default=None,
                        help="replay the UNet from CUDA graphs (default: on with CUDA)")
     speed.add_argument("--compile", action="store_true",
@@ -127,15 +192,30 @@ def acceleration_from_args(args: argparse.Namespace) -> Acceleration:
                         vae_slicing=args.vae_slicing, winograd=args.winograd)
 
 
-def pipeline_from_args(args: argparse.Namespace, config: DictConfig, sampler: str) -> Pipeline:
-    """The pipeline the model, device, precision, safety and speed flags ask for; then the global RNG is seeded
-    with --seed (the one seeding of a run: see :mod:`ldm.generation`)."""
+def pipeline_from_args(args: argparse.Namespace, config: DictConfig, sampler: str, size: str) -> Pipeline:
+    """The pipeline the model, device, precision, safety and speed flags ask for; then the run's one summary line,
+    and the global RNG seeded with --seed (the one seeding of a run: see :mod:`ldm.generation`)."""
     checker = False if args.no_safety_checker else args.safety_checker or True
     pipeline = Pipeline.from_config(config, args.ckpt, device=args.device, precision=args.precision,
                                     sampler=sampler, safety_checker=checker,
                                     acceleration=acceleration_from_args(args))
+    logger.info("%s (%s): %s sampler, %d steps, %s, seed %d, %s, precision %s", Path(args.ckpt).name,
+                Path(args.config).name, pipeline.sampler.name, args.ddim_steps, size, args.seed, pipeline.device.type,
+                pipeline.precision)
     seed_everything(args.seed)
     return pipeline
+
+
+def check_fits(args: argparse.Namespace, config: DictConfig, batch: int, height: int, width: int) -> None:
+    """Refuse, before loading, a run whose batch cannot fit in memory (see :func:`activation_bytes`)."""
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    needed = activation_bytes(config, batch, height, width, precision, args.scale != 1.0, args.vae_slicing)
+    free = available_bytes(device)
+    if free is not None and needed > free:
+        raise InputError(f"{batch} image(s) of {width}×{height} at once need about {needed / 2 ** 30:,.0f} GiB, but "
+                         f"the {device.type} has {free / 2 ** 30:,.1f} GiB free: lower --n_samples or --H/--W "
+                         "(--vae_slicing helps with many images)")
 
 
 def run_batches(args: argparse.Namespace, batches: list[list[str]], output: RunOutput,
@@ -147,7 +227,7 @@ def run_batches(args: argparse.Namespace, batches: list[list[str]], output: RunO
             for prompts in batches:
                 output.add(*make_images(prompts), prompts)
                 progress.update()
-    print(output.close(args.n_rows or args.n_samples))
+    print(output.close(args.n_rows or args.n_samples, row_per_batch=not args.n_rows))
 
 
 def sampler_name(args: argparse.Namespace) -> str:
@@ -155,23 +235,34 @@ def sampler_name(args: argparse.Namespace) -> str:
     return "dpm_solver" if args.dpm_solver else "plms" if args.plms else "ddim"
 
 
+def check_values(args: argparse.Namespace) -> None:
+    """What every script checks first: flags given without a value, the guidance scale, the seed (``-1``: a random
+    one, reported by the run and kept in every image's metadata)."""
+    for flag in ("prompt", "outdir"):
+        if getattr(args, flag, "") is None:
+            raise InputError(f"--{flag} needs a value")
+    if not 0 <= args.scale <= MAX_SCALE:
+        raise InputError(f"--scale must be between 0 and {MAX_SCALE:g}, got {args.scale}")
+    args.seed = secrets.randbelow(2 ** 32) if args.seed == -1 else check_seed(args.seed)
+
+
 def check_common(args: argparse.Namespace) -> None:
-    """Checks that need no model: counts, scales, sampler options, the output directory."""
+    """Checks that need no model: values, counts, sampler options, the output directory."""
+    check_values(args)
     for flag in ("ddim_steps", "n_samples", "n_iter"):
         if getattr(args, flag) <= 0:
             raise InputError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
     if args.ddim_steps > 1000:
         raise InputError(f"--ddim_steps must be at most 1000, got {args.ddim_steps}")
+    if args.dpm_solver and args.ddim_steps < 2:
+        raise InputError(f"--ddim_steps must be at least 2 for DPM-Solver++(2M), got {args.ddim_steps}")
     if args.n_rows < 0:
         raise InputError(f"--n_rows must be 0 (one row per batch) or positive, got {args.n_rows}")
-    if args.scale < 0:
-        raise InputError(f"--scale must be non-negative, got {args.scale}")
-    if args.ddim_eta < 0:
-        raise InputError(f"--ddim_eta must be non-negative, got {args.ddim_eta}")
+    if not 0 <= args.ddim_eta <= 1:  # beyond 1 the DDIM step's √(1 − ᾱ_prev − σ²) turns imaginary
+        raise InputError(f"--ddim_eta must be between 0 and 1, got {args.ddim_eta}")
     if args.ddim_eta != 0 and sampler_name(args) != "ddim":
         raise InputError(f"--ddim_eta must be 0 with {'--dpm_solver' if args.dpm_solver else '--plms'} "
                          "(only DDIM samples stochastically)")
-    check_seed(args.seed)
     check_writable(args.outdir)
 
 

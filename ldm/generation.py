@@ -12,9 +12,10 @@ seed gives the original's pictures in every batch and iteration of a run, not on
 import contextlib
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -26,15 +27,17 @@ from ldm.models.acceleration import Acceleration, accelerate
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.diffusion.samplers import SAMPLERS, Sampler, make_sampler
 from ldm.models.diffusion.sampling_util import StepCallback
-from ldm.models.loading import load_config, load_model
+from ldm.models.loading import ConfigError, check_checkpoint_path, load_config, load_model
 from ldm.safety import CHECKER_REPO, SafetyChecker, cached_checker_dir
-from ldm.util import InputError, ParameterError
+from ldm.util import InputError, ParameterError, Problems
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "full", "autocast", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 WEIGHT_DTYPES = {"full": torch.float32, "autocast": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BACKGROUND = (255, 255, 255)  # what transparent parts of an input image are composited on
+MAX_INPUT_PIXELS = 16_777_216  # 4096 × 4096: an input image is used at its own size, and larger ones exhaust memory
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -88,12 +91,18 @@ class Geometry:
 
     @classmethod
     def of(cls, config: DictConfig) -> "Geometry":
-        params = config.model.params
-        factor = 2 ** (len(params.first_stage_config.params.ddconfig.ch_mult) - 1)
-        levels = len(params.unet_config.params.get("channel_mult", (1, 2, 4, 8)))
-        latent_size = params.get("image_size", params.unet_config.params.get("image_size", 64))
-        return cls(params.get("channels", params.unet_config.params.in_channels), factor,
-                   factor * 2 ** (levels - 1), latent_size * factor)
+        """The sizes of a latent-diffusion config; one that lacks the parts they come from is a :class:`ConfigError`."""
+        try:
+            params = config.model.params
+            factor = 2 ** (len(params.first_stage_config.params.ddconfig.ch_mult) - 1)
+            levels = len(params.unet_config.params.get("channel_mult", (1, 2, 4, 8)))
+            latent_size = params.get("image_size", params.unet_config.params.get("image_size", 64))
+            channels = params.get("channels", params.unet_config.params.in_channels)
+        except (AttributeError, KeyError, TypeError) as error:  # omegaconf's missing-key errors are both
+            missing = str(error).splitlines()[0]
+            raise ConfigError(f"config is not a latent-diffusion model config with first_stage_config and "
+                              f"unet_config ({missing})") from None
+        return cls(channels, factor, factor * 2 ** (levels - 1), latent_size * factor)
 
     def check(self, height: int, width: int, channels: int | None = None, factor: int | None = None) -> None:
         if channels is not None and channels != self.latent_channels:
@@ -109,6 +118,33 @@ class Geometry:
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         self.check(height, width)
         return self.latent_channels, height // self.factor, width // self.factor
+
+
+def activation_bytes(config: DictConfig, batch: int, height: int, width: int, precision: str, guided: bool,
+                     vae_slicing: bool) -> int:
+    """Roughly the activation memory a batch holds at once: the UNet about 32·model_channels values per latent
+    pixel of each image (twice the images under guidance), the VAE decoder about 4·ch·ch_mult[0] values per pixel
+    of each image it decodes at once. An order of magnitude, for refusing what cannot fit before loading."""
+    params = config.model.params
+    geometry = Geometry.of(config)
+    ddconfig = params.first_stage_config.params.ddconfig
+    latent_pixels = (height // geometry.factor) * (width // geometry.factor)
+    unet = 32 * params.unet_config.params.get("model_channels", 320) * latent_pixels * batch * (2 if guided else 1)
+    vae = 4 * ddconfig.get("ch", 128) * ddconfig.ch_mult[0] * height * width * (1 if vae_slicing else batch)
+    return (unet + vae) * (2 if precision in ("fp16", "bf16") else 4)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory where the run computes: the GPU's, or the machine's available RAM (None: unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            meminfo = Path("/proc/meminfo").read_text()
+            return int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable"))) * 1024
+        except (OSError, StopIteration, ValueError):
+            return None
+    return None
 
 
 def encode_images(model, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -145,12 +181,30 @@ def _decode_finite(model, latents: torch.Tensor) -> torch.Tensor:
         vae.to(dtype)
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: 16- and 32-bit greyscale scaled by their range (not clipped at 255), palettes
+    and CMYK converted, transparency composited on ``BACKGROUND`` (white, as AUTOMATIC1111 flattens by default)."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max(initial=0.0)
+        full_scale = 65535.0 if image.mode.startswith("I;16") or peak > 255 else 1.0 if peak <= 1.0 else 255.0
+        grey = np.clip(array / full_scale, 0.0, 1.0)
+        return Image.fromarray(np.round(grey * 255.0).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info or image.mode in ("PA", "LA", "La", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        flat = Image.new("RGBA", image.size, BACKGROUND + (255,))
+        return Image.alpha_composite(flat, image).convert("RGB")
+    return image.convert("RGB")
+
+
 def image_to_tensor(image: Image.Image, multiple: int, name: str = "image") -> torch.Tensor:
-    """A PIL image as (1, 3, H, W) in [−1, 1], its sides rounded down to multiples of ``multiple`` (LANCZOS).
+    """A PIL image as (1, 3, H, W) in [−1, 1] (:func:`to_rgb`), its sides rounded down to multiples of
+    ``multiple`` (LANCZOS).
 
     The original rounds to multiples of 32, which the UNet cannot take; the change in size is logged.
     """
-    image = image.convert("RGB")
+    image = to_rgb(image)
     width, height = (side - side % multiple for side in image.size)
     if width == 0 or height == 0:
         raise InputError(f"{name} is {image.width}×{image.height}; both sides must be at least {multiple}")
@@ -161,12 +215,20 @@ def image_to_tensor(image: Image.Image, multiple: int, name: str = "image") -> t
 
 
 def open_image(path: str | Path, what: str = "image") -> Image.Image:
-    """An image file, read whole; a missing or unreadable one is an :class:`InputError` naming ``what`` it is."""
+    """An image file, read whole; a missing, unreadable or oversized one (a decompression bomb, or more than
+    ``MAX_INPUT_PIXELS``) is an :class:`InputError` naming ``what`` it is."""
     try:
-        image = Image.open(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        if image.width * image.height > MAX_INPUT_PIXELS:
+            raise InputError(f"{what} {path} is {image.width}×{image.height} ({image.width * image.height / 1e6:.0f} "
+                             f"Mpx); at most {MAX_INPUT_PIXELS / 1e6:.0f} Mpx are taken: scale it down first")
         image.load()
     except FileNotFoundError:
         raise InputError(f"{what} {path} does not exist") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(f"{what} {path} declares a size far beyond any photo (a decompression bomb?)") from None
     except (UnidentifiedImageError, OSError) as error:
         raise InputError(f"{what} {path} is not an image the Python Imaging Library can read ({error})") from None
     return image
@@ -182,7 +244,7 @@ def load_safety_checker(config: DictConfig, checker: bool | str | Path, device: 
     """``checker``: a directory with the checker's weights, True for the Hugging Face cache's copy (refused if
     there is none), False for none. A model whose config says ``safety_checker: false`` needs none."""
     if not config.get("safety_checker", True):
-        logger.info("this model's config says it needs no safety checker")
+        logger.debug("this model's config says it needs no safety checker")
         return None
     if checker is False:
         logger.warning("the safety checker is disabled")
@@ -256,7 +318,8 @@ class Pipeline:
         if sampler not in SAMPLERS:
             raise ParameterError("sampler", f"must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         acceleration = acceleration.for_device(device)
-        checker = load_safety_checker(config, safety_checker, device)
+        checker = _all_at_once(lambda: check_checkpoint_path(ckpt),
+                               lambda: load_safety_checker(config, safety_checker, device))[1]
         model = load_model(config, ckpt, device=device, dtype=WEIGHT_DTYPES[precision])
         if model.use_ema:
             model.model_ema.copy_to(model.model)
@@ -369,6 +432,22 @@ class Pipeline:
             return Generated(images, 0)
         images, flags = self.safety_checker(images)
         return Generated(images, sum(flags))
+
+
+def _all_at_once(*checks: Callable[[], Any]) -> list[Any]:
+    """Run every check and return their results; if any failed, raise them together (:class:`Problems`), so that a
+    first run with a real checkpoint reports every missing piece at once."""
+    results, errors = [], []
+    for check in checks:
+        try:
+            results.append(check())
+        except (InputError, ParameterError) as error:
+            errors.append(error)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise Problems(errors)
+    return results
 
 
 def _prompt_list(prompts: str | Sequence[str]) -> list[str]:

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -30,37 +31,46 @@ def image_grid(images: torch.Tensor, n_rows: int) -> Image.Image:
     return to_pil(make_grid(images, nrow=n_rows)[None])[0]
 
 
-def check_writable(directory: str | Path) -> None:
-    """Raise unless ``directory`` exists as a writable directory or can be created."""
-    directory = Path(directory)
-    existing = directory
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise InputError(f"cannot write to {directory}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write to {directory}: permission denied")
+def check_writable(directory: str | Path, subdirs: tuple[str, ...] = ("samples",)) -> None:
+    """Raise unless ``directory`` and its ``subdirs`` are writable directories or can be made: checked before a
+    run starts, so that no work is lost at the end. Nothing is left behind (the probe is a nameless temporary
+    file in the deepest folder that exists)."""
+    if not str(directory).strip():
+        raise InputError("--outdir must name a directory (an empty one would mean the current directory)")
+    for path in (Path(directory), *(Path(directory) / subdir for subdir in subdirs)):
+        existing = path
+        while not existing.exists() and not existing.is_symlink():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise InputError(f"cannot write to {path}: {existing} is not a directory")
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as error:
+            raise InputError(f"cannot write to {path}: {error.strerror or error}") from None
 
 
 class ImageWriter:
     """Saves numbered PNGs under ``outdir``, each one after the highest number already there.
 
-    Files are written to a temporary name and linked into place only if that name is still free, so nothing
-    is overwritten and an interrupted run leaves no half-written PNG. Every image gets the invisible watermark
-    (images under 256×256 cannot carry it; they are counted and reported) and PNG text ``metadata``.
+    Files are written to a fresh temporary file (created exclusively, under a random name, so a link planted in
+    the folder cannot redirect it) and linked into place only if the final name is still free, so nothing is
+    overwritten and an interrupted run or a full disk leaves no half-written PNG. A failed write raises
+    :class:`InputError` saying how many images were already saved (they are kept). Every image gets the invisible
+    watermark (images under 256×256 cannot carry it; they are counted and reported) and PNG text ``metadata``.
     """
 
     def __init__(self, outdir: str | Path, watermark: bool = True):
         self.outdir = Path(outdir)
         self.watermark = watermark
         self.unmarked = 0
+        self.saved = 0
 
     def save(self, image: Image.Image, subdir: str = "samples", prefix: str = "", digits: int = 5,
              metadata: Mapping[str, Any] | None = None, number: int = 0, watermark: bool = True) -> Path:
         """Save as ``outdir/subdir/{prefix}{number:0{digits}}.png`` with the first free number from ``number`` on
         that is above every number already there; returns the path."""
         directory = self.outdir / subdir
-        directory.mkdir(parents=True, exist_ok=True)
         if self.watermark and watermark:
             if can_watermark(image):
                 image = put_watermark(image)
@@ -69,19 +79,32 @@ class ImageWriter:
         info = PngInfo()
         for key, value in (metadata or {}).items():
             info.add_text(key, str(value))
-        temporary = directory / f".{prefix}{os.getpid()}.png.partial"
+        temporary = None
         try:
-            image.save(temporary, format="PNG", pnginfo=info)
-            number = max(number, self.next_number(subdir, prefix))
-            while True:
-                path = directory / f"{prefix}{number:0{digits}d}.png"
-                try:
-                    os.link(temporary, path)
-                    return path
-                except FileExistsError:
-                    number += 1
+            directory.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(prefix=f".{prefix}", suffix=".png.partial", dir=directory)
+            with os.fdopen(handle, "wb") as file:
+                image.save(file, format="PNG", pnginfo=info)
+            path = self._link(temporary, directory, prefix, digits, max(number, self.next_number(subdir, prefix)))
+        except OSError as error:
+            raise InputError(f"cannot write to {directory}: {error.strerror or error}; the {self.saved} image(s) "
+                             "saved before are kept") from None
         finally:
-            temporary.unlink(missing_ok=True)
+            if temporary is not None:
+                Path(temporary).unlink(missing_ok=True)
+        self.saved += 1
+        return path
+
+    @staticmethod
+    def _link(temporary: str, directory: Path, prefix: str, digits: int, number: int) -> Path:
+        """Give ``temporary`` the first free name from ``number`` on (a hard link: never replaces a file)."""
+        while True:
+            path = directory / f"{prefix}{number:0{digits}d}.png"
+            try:
+                os.link(temporary, path, follow_symlinks=False)
+                return path
+            except FileExistsError:
+                number += 1
 
     def next_number(self, subdir: str = "samples", prefix: str = "") -> int:
         """One more than the highest ``{prefix}NNNNN.png`` in ``outdir/subdir`` (0 when there is none)."""
@@ -112,23 +135,30 @@ class RunOutput:
         self.saved = self.total = self.flagged = 0
 
     def add(self, images: torch.Tensor, flagged: int, prompts: list[str]) -> None:
-        """A batch of checked images (B, 3, H, W) in [0, 1], how many the safety checker replaced, their prompts."""
+        """A batch of checked images (B, 3, H, W) in [0, 1], how many the safety checker replaced, their prompts.
+
+        Each sample's metadata has its ``index`` in the run (0, 1, … in the order drawn): with the run's seed and
+        flags, the run remakes it.
+        """
+        first = self.total
         self.total += len(images)
         self.flagged += flagged
         if not self.skip_save:
-            for prompt, image in zip(prompts, to_pil(images)):
-                self.writer.save(image, "samples", metadata=dict(self.metadata, prompt=prompt))
+            for offset, (prompt, image) in enumerate(zip(prompts, to_pil(images))):
+                self.writer.save(image, "samples", metadata=dict(self.metadata, prompt=prompt, index=first + offset))
                 self.saved += 1
         if not self.skip_grid:
             self.grid_images.append(images)
             self.prompts += prompts
 
-    def close(self, n_rows: int) -> str:
-        """Write the grid (``n_rows`` images per row) and return the run's closing message."""
+    def close(self, n_rows: int, row_per_batch: bool = False) -> str:
+        """Write the grid (``n_rows`` images per row; ``row_per_batch``: each batch starts a row, a short one padded
+        with black) and return the run's closing message."""
         grid = ""
         if self.grid_images:
             prompts = sorted(set(self.prompts))
-            path = self.writer.save(image_grid(torch.cat(self.grid_images), n_rows), "", prefix="grid-", digits=4,
+            batches = [_pad(batch, n_rows) for batch in self.grid_images] if row_per_batch else self.grid_images
+            path = self.writer.save(image_grid(torch.cat(batches), n_rows), "", prefix="grid-", digits=4,
                                     metadata=dict(self.metadata, prompt=prompts[0] if len(prompts) == 1
                                                   else json.dumps(prompts)))
             grid = f" and the grid {path}"
@@ -138,3 +168,9 @@ class RunOutput:
                            self.total)
         return (f"Your samples are ready and waiting for you here:\n{self.writer.outdir}\n({self.saved} samples"
                 f"{grid})\nEnjoy.")
+
+
+def _pad(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """``batch`` with black images appended up to a multiple of ``size``."""
+    missing = -len(batch) % size
+    return torch.cat([batch, batch.new_zeros(missing, *batch.shape[1:])]) if missing else batch

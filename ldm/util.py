@@ -8,16 +8,27 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+# Configs come from strangers (model pages ship YAML next to checkpoints): they may name only these.
+ALLOWED_TARGET_PREFIXES = ("ldm.", "torch.nn.")
 
-def get_obj_from_str(string: str, reload: bool = False) -> Any:
-    """Return the object named by a dotted path, e.g. ``"ldm.models.autoencoder.AutoencoderKL"``."""
+
+def get_obj_from_str(string: str) -> Any:
+    """The class or function a config's ``target`` names, e.g. ``"ldm.models.autoencoder.AutoencoderKL"``.
+
+    Only ``ldm.*`` and ``torch.nn.*`` are allowed, and the object must be defined there (not a module, nor a
+    function those modules import from elsewhere, such as ``os.system``): a config can build our model, never
+    run other code.
+    """
+    if not isinstance(string, str) or not string.startswith(ALLOWED_TARGET_PREFIXES):
+        raise InputError(f"config names {string!r}; only ldm.* and torch.nn.* classes are built from configs")
     module_name, _, attr = string.rpartition(".")
-    if not module_name:
-        raise ValueError(f"expected a dotted path 'package.module.Name', got {string!r}")
-    module = importlib.import_module(module_name)
-    if reload:
-        module = importlib.reload(module)
-    return getattr(module, attr)
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError):
+        raise InputError(f"config names {string!r}, which does not exist in this version") from None
+    if not callable(obj) or not getattr(obj, "__module__", "").startswith(ALLOWED_TARGET_PREFIXES):
+        raise InputError(f"config names {string!r}; only ldm.* and torch.nn.* classes are built from configs")
+    return obj
 
 
 def instantiate_from_config(config: Mapping | str) -> Any:
@@ -29,8 +40,12 @@ def instantiate_from_config(config: Mapping | str) -> Any:
     if config in ("__is_first_stage__", "__is_unconditional__"):
         return None
     if "target" not in config:
-        raise KeyError("expected key 'target' to instantiate")
-    return get_obj_from_str(config["target"])(**config.get("params", dict()))
+        raise InputError("config has a part without 'target' to build it from")
+    cls = get_obj_from_str(config["target"])
+    try:
+        return cls(**config.get("params", dict()))
+    except TypeError as error:  # params that do not fit the class: a config for another version or model
+        raise InputError(f"config cannot build {config['target']}: {error}") from None
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -58,6 +73,14 @@ def randomize_parameters_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Mo
 
 class InputError(Exception):
     """Something the user supplied (a file, a config, an image) is wrong; the message says what, in one line."""
+
+
+class Problems(InputError):
+    """Several things the user must fix, found together so that one run reports them all (``errors``)."""
+
+    def __init__(self, errors: list[Exception]):
+        super().__init__("; ".join(map(str, errors)))
+        self.errors = errors
 
 
 class ParameterError(ValueError):

@@ -1,6 +1,7 @@
 """DiffEdit with DPM-Solver: edit a photo from two prompts, or inpaint it inside a mask you give.
 
     python scripts/diffedit_inpaint.py --init-img fruit.png --prompt "A bowl of fruits" --edit "A bowl of pears"
+    python scripts/diffedit_inpaint.py --init-img room.png --mask window.png --edit "a window at night"
 
 Writes OUTDIR/samples/NNNNN.png (the edit) and OUTDIR/masks/NNNNN.png (the mask used, white = edited).
 """
@@ -11,31 +12,34 @@ from pathlib import Path
 
 from PIL import Image
 
-from ldm.cli import add_checkpoint_arguments, add_extra_arguments, clean_exit, pipeline_from_args
+from ldm.cli import (ScriptParser, add_checkpoint_arguments, add_extra_arguments, check_fits, check_values, clean_exit,
+                     finite_float, pipeline_from_args)
 from ldm.editing.diffedit import ENCODE_TYPES, mask_image
 from ldm.generation import Geometry, load_image, open_image
 from ldm.models.loading import load_config
 from ldm.output import ImageWriter, check_writable, to_pil
-from ldm.util import InputError, check_seed
+from ldm.util import InputError
 
 ASPECT_TOLERANCE = 0.02  # a user mask may differ this much in aspect ratio from the image before we refuse it
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--init-img", type=str, required=False, help="path to the photo to edit")
-    parser.add_argument("--prompt", type=str, default="A bowl of fruits", help="what the photo shows (the source)")
-    parser.add_argument("--edit", type=str, default="A bowl of pears", help="what it should show (the target)")
-    parser.add_argument("--mask", type=str, default=None,
+    parser = ScriptParser(__doc__)
+    prompt, sampling = parser.group("prompt"), parser.group("sampling")
+    prompt.add_argument("--init-img", type=str, required=False, help="path to the photo to edit")
+    prompt.add_argument("--prompt", type=str, default="A bowl of fruits", help="what the photo shows (the source)")
+    prompt.add_argument("--edit", type=str, default="A bowl of pears", help="what it should show (the target)")
+    prompt.add_argument("--mask", type=str, default=None,
                         help="a mask image (white = edit); without it the mask is estimated from the two prompts")
-    parser.add_argument("--encode_ratio", type=float, default=0.6,
-                        help="how far to noise the photo before editing, in (0, 1]; higher changes more")
-    parser.add_argument("--ddim_steps", type=int, default=20, help="DPM-Solver steps")
-    parser.add_argument("--encode_type", type=str, default="stochastic", choices=ENCODE_TYPES,
-                        help="stochastic: noise in one jump; deterministic: ODE inversion under the source prompt")
-    parser.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
-    parser.add_argument("--n_samples", type=int, default=1, help="how many edits to make")
-    parser.add_argument("--outdir", type=str, default="outputs/diffedit-samples", help="dir to write results to")
+    sampling.add_argument("--encode_ratio", type=finite_float, default=0.6,
+                          help="how far to noise the photo before editing, in (0, 1]; higher changes more")
+    sampling.add_argument("--ddim_steps", type=int, default=20, help="DPM-Solver steps")
+    sampling.add_argument("--encode_type", type=str, default="stochastic", choices=ENCODE_TYPES,
+                          help="stochastic: noise in one jump; deterministic: ODE inversion under the source prompt")
+    sampling.add_argument("--scale", type=finite_float, default=7.5, help="classifier-free guidance scale")
+    sampling.add_argument("--n_samples", type=int, default=1, help="how many edits to make")
+    parser.group("output").add_argument("--outdir", type=str, default="outputs/diffedit-samples",
+                                        help="dir to write results to")
     add_checkpoint_arguments(parser)
     add_extra_arguments(parser)
     return parser.parse_args(argv)
@@ -52,6 +56,7 @@ def load_mask(path: str, image_size: tuple[int, int]) -> Image.Image:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    check_values(args)
     if not args.init_img:
         raise InputError("--init-img is required: the photo to edit")
     if not 0.0 < args.encode_ratio <= 1.0:
@@ -61,10 +66,7 @@ def check_args(args: argparse.Namespace) -> None:
             raise InputError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
     if args.ddim_steps < 2:
         raise InputError("--ddim_steps must be at least 2 (DPM-Solver++(2M))")
-    if args.scale < 0:
-        raise InputError(f"--scale must be non-negative, got {args.scale}")
-    check_seed(args.seed)
-    check_writable(args.outdir)
+    check_writable(args.outdir, ("samples", "masks"))
 
 
 @clean_exit
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     init_image = load_image(args.init_img, Geometry.of(config).multiple)
     image_size = tuple(init_image.shape[-2:])
     user_mask = load_mask(args.mask, image_size) if args.mask else None
-    pipeline = pipeline_from_args(args, config, "dpm_solver")
+    check_fits(args, config, args.n_samples, *image_size)
+    pipeline = pipeline_from_args(args, config, "dpm_solver", f"{image_size[1]}×{image_size[0]}")
 
     images, flagged, latent_mask = pipeline.diffedit(
         init_image, args.prompt, args.edit, mask=user_mask, steps=args.ddim_steps, scale=args.scale,

@@ -1,6 +1,7 @@
 """Text to image with Stable Diffusion v1: the CompVis script's flags, defaults and outputs.
 
     python scripts/txt2img.py --prompt "a photograph of an astronaut riding a horse" --dpm_solver --ddim_steps 25
+    python scripts/txt2img.py --from-file prompts.txt --n_samples 4 --seed -1 --outdir outputs/mine
 """
 
 import argparse
@@ -8,8 +9,9 @@ import logging
 import sys
 from pathlib import Path
 
-from ldm.cli import (add_extra_arguments, add_model_arguments, add_prompt_and_output_arguments, check_common,
-                     clean_exit, pipeline_from_args, prompt_batches, run_batches, sampler_name)
+from ldm.cli import (ScriptParser, add_extra_arguments, add_model_arguments, add_prompt_and_output_arguments,
+                     add_size_arguments, check_common, check_fits, clean_exit, pipeline_from_args, prompt_batches,
+                     run_batches, sampler_name)
 from ldm.generation import Geometry
 from ldm.models.loading import load_config
 from ldm.output import RunOutput
@@ -22,16 +24,15 @@ LAION400M = dict(config="configs/latent-diffusion/txt2img-1p4B-eval.yaml", ckpt=
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ScriptParser(__doc__)
     add_prompt_and_output_arguments(parser, outdir="outputs/txt2img-samples")
-    parser.add_argument("--laion400m", action="store_true", help="uses the LAION400M model")
-    parser.add_argument("--fixed_code", action="store_true", help="if enabled, uses the same starting code across "
-                        "samples")
+    parser.group("model").add_argument("--laion400m", action="store_true", help="uses the LAION400M model")
+    parser.group("sampling").add_argument("--fixed_code", action="store_true",
+                                          help="if enabled, uses the same starting code across samples")
     add_model_arguments(parser, n_iter=2, n_samples=3, scale=7.5)
-    parser.add_argument("--H", type=int, default=512, help="image height, in pixel space")
-    parser.add_argument("--W", type=int, default=512, help="image width, in pixel space")
-    parser.add_argument("--C", type=int, default=None, help="latent channels (default: the config's, 4 for SD v1)")
-    parser.add_argument("--f", type=int, default=None, help="downsampling factor (default: the config's, 8 for SD v1)")
+    add_size_arguments(parser)
+    parser.group("output").add_argument("--H", type=int, default=512, help="image height, in pixel space")
+    parser.group("output").add_argument("--W", type=int, default=512, help="image width, in pixel space")
     add_extra_arguments(parser)
     args = parser.parse_args(argv)
     if args.laion400m:
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     batches = prompt_batches(args)
     config = load_config(args.config)
     Geometry.of(config).check(args.H, args.W, args.C, args.f)
-    pipeline = pipeline_from_args(args, config, sampler_name(args))
+    check_fits(args, config, args.n_samples, args.H, args.W)
+    pipeline = pipeline_from_args(args, config, sampler_name(args), f"{args.W}×{args.H}")
 
     x_T = pipeline.initial_noise(args.n_samples, args.H, args.W) if args.fixed_code else None
     metadata = dict(negative_prompt=args.negative_prompt, seed=args.seed, sampler=pipeline.sampler_name,
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     output = RunOutput(args.outdir, metadata, args.skip_save, args.skip_grid)
     run_batches(args, batches, output, lambda prompts: pipeline.txt2img(
         prompts, steps=args.ddim_steps, scale=args.scale, negative_prompt=args.negative_prompt, eta=args.ddim_eta,
-        height=args.H, width=args.W, x_T=x_T))
+        height=args.H, width=args.W, x_T=x_T, verbose=True))
     return 0
 
 

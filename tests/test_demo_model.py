@@ -19,7 +19,7 @@ def demo_model():
 
 def test_the_checkpoint_is_small_complete_and_needs_no_safety_checker(caplog):
     assert CHECKPOINT.stat().st_size <= 30 * 2 ** 20
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.DEBUG, logger="ldm"):
         load_model(CONFIG, CHECKPOINT)
     assert "0 missing, 0 unexpected, 0 skipped" in caplog.text
     assert load_config(CONFIG).safety_checker is False

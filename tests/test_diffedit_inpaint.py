@@ -46,6 +46,9 @@ def test_a_user_mask_is_used_as_given(tmp_path, tiny_checkpoint):
     (["--mask", "SQUARE.png"], "aspect ratio"),
     (["--mask", "missing-mask.png"], "--mask missing-mask.png does not exist"),
     (["--ddim_steps", "0"], "--ddim_steps must be a positive"),
+    (["--scale", "nan"], "argument --scale: must be a finite number"),
+    (["--encode_ratio", "inf"], "argument --encode_ratio: must be a finite number"),
+    (["--outdir", ""], "--outdir must name a directory"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(change, message, tmp_path, tiny_checkpoint, capsys,
                                                          monkeypatch):

@@ -4,14 +4,16 @@ model where numbers matter."""
 import copy
 import logging
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import ROOT, TINY_CONFIG
-from ldm.generation import (Geometry, ImageLatents, Pipeline, decode_images, precision_scope, resolve_device,
-                            resolve_precision)
+from ldm.generation import (Geometry, ImageLatents, Pipeline, activation_bytes, decode_images, load_image,
+                            precision_scope, resolve_device, resolve_precision, to_rgb)
 from ldm.models.loading import load_config
-from ldm.util import ParameterError
+from ldm.util import InputError, ParameterError
 
 DEMO_CONFIG = ROOT / "configs/demo/shapes-inference.yaml"
 DEMO_CHECKPOINT = ROOT / "models/demo/shapes.safetensors"
@@ -150,3 +152,53 @@ def test_decoding_one_image_at_a_time_changes_nothing(tiny_model):
     latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     whole = decode_images(tiny_model, latents)
     assert (decode_images(tiny_model, latents, one_at_a_time=True) - whole).abs().max() < 1e-5
+
+
+def saved(image: Image.Image, path) -> str:
+    image.save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("make, expected_mean", [
+    # a 16-bit greyscale gradient keeps its gradient (it was clipped to white)
+    (lambda: Image.fromarray((np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)), 127.5),
+    (lambda: Image.fromarray(np.full((64, 64), 0.25, dtype=np.float32), "F"), 63.75),
+    (lambda: Image.new("CMYK", (64, 64), (0, 0, 0, 0)), 255.0),
+    (lambda: Image.new("LA", (64, 64), (0, 0)), 255.0),  # transparent black on the white background
+    (lambda: Image.new("RGBA", (64, 64), (0, 0, 0, 128)), 127.0),  # half-transparent black: grey
+    (lambda: Image.new("P", (64, 64), 0), 0.0),
+])
+def test_every_image_mode_becomes_the_rgb_picture_it_shows(make, expected_mean, tmp_path):
+    image = make()
+    rgb = to_rgb(image)
+    assert rgb.mode == "RGB" and rgb.size == image.size
+    assert np.asarray(rgb, dtype=np.float64).mean() == pytest.approx(expected_mean, abs=1.0)
+
+
+def test_a_palette_image_with_a_transparent_colour_is_composited(tmp_path):
+    image = Image.new("P", (64, 64), 0)
+    image.putpalette([0, 0, 0] * 256)
+    image.info["transparency"] = 0
+    assert np.asarray(to_rgb(image)).min() == 255
+    tensor = load_image(saved(image, tmp_path / "p.png"), 64)
+    assert tensor.shape == (1, 3, 64, 64) and torch.allclose(tensor, torch.ones_like(tensor))
+
+
+def test_oversized_images_and_decompression_bombs_are_refused(tmp_path, monkeypatch):
+    big = saved(Image.new("1", (5000, 4000)), tmp_path / "big.png")
+    with pytest.raises(InputError, match=r"is 5000×4000 \(20 Mpx\); at most 17 Mpx"):
+        load_image(big, 64)
+    small = saved(Image.new("RGB", (64, 64)), tmp_path / "small.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow warns above this and fails above twice it
+    with pytest.raises(InputError, match="decompression bomb"):
+        load_image(small, 64)
+
+
+def test_memory_needs_grow_with_the_batch_and_the_picture():
+    config = load_config(ROOT / "configs/stable-diffusion/v1-inference.yaml")
+    one = activation_bytes(config, 1, 512, 512, "full", guided=True, vae_slicing=False)
+    assert 0.5 * 2 ** 30 < one < 4 * 2 ** 30  # SD v1 at 512² holds on the order of a GiB of activations
+    assert activation_bytes(config, 4, 512, 512, "full", True, False) == 4 * one
+    assert activation_bytes(config, 1, 1024, 1024, "full", True, False) == 4 * one
+    assert activation_bytes(config, 1, 512, 512, "fp16", True, False) == one // 2
+    assert activation_bytes(config, 4, 512, 512, "full", True, vae_slicing=True) < 4 * one

@@ -94,16 +94,28 @@ def test_strength_one_and_zero_run(tmp_path, tiny_checkpoint, photo):
     (["--strength", "-0.1"], "--strength must be between 0 and 1"),
     (["--dpm_solver", "--ddim_eta", "0.3"], "--ddim_eta must be 0 with --dpm_solver"),
     (["--f", "4"], "downsampling factor"),
+    (["--init-img", "HUGE.png"], "HUGE.png is 6000×3000 (18 Mpx); at most 17 Mpx"),
+    (["--strength", "nan"], "argument --strength: must be a finite number"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(change, message, tmp_path, tiny_checkpoint, photo, capsys,
                                                          monkeypatch):
     (tmp_path / "NOT_AN_IMAGE").write_text("hello")
     Image.new("RGB", (40, 200)).save(tmp_path / "TINY.png")
+    Image.new("1", (6000, 3000)).save(tmp_path / "HUGE.png")
     monkeypatch.chdir(tmp_path)
     assert img2img.main(tiny_run(tmp_path / "out", tiny_checkpoint, photo) + change) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_16_bit_greyscale_photo_keeps_its_tones(tmp_path, tiny_checkpoint):
+    gradient = np.linspace(0, 65535, 64 * 128).reshape(128, 64).astype(np.uint16)
+    Image.fromarray(gradient).save(tmp_path / "grey16.png")
+    assert img2img.main(tiny_run(tmp_path / "out", tiny_checkpoint, tmp_path / "grey16.png", "--strength", "0",
+                                 "--n_samples", "1")) == 0
+    sample = np.asarray(Image.open(tmp_path / "out" / "samples" / "00000.png")).astype(float)
+    assert sample.std() > 10 and (sample == 255).mean() < 0.5  # strength 0: the photo, through the autoencoder
 
 
 def test_init_img_is_required(tmp_path, tiny_checkpoint, capsys):

@@ -10,7 +10,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from safetensors.torch import save_file
 
 from conftest import TINY_CONFIG, V1_CONFIG
-from ldm.models.loading import CheckpointError, ConfigError, build_model, load_model, read_checkpoint
+from ldm.models.loading import CheckpointError, ConfigError, build_model, load_config, load_model, read_checkpoint
+from ldm.util import InputError
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def assert_same_weights(model, state_dict):
 def test_ckpt_and_safetensors_give_identical_models(tiny_ckpt, tiny_state_dict, tmp_path, caplog):
     safetensors_path = tmp_path / "model.safetensors"
     save_file(tiny_state_dict, safetensors_path)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.DEBUG, logger="ldm"):
         from_ckpt = load_model(TINY_CONFIG, tiny_ckpt)
     assert "Global Step: 470000" in caplog.text
     from_safetensors = load_model(TINY_CONFIG, safetensors_path)
@@ -133,12 +134,29 @@ def test_ema_weights_and_position_ids_are_skipped_and_reported(tiny_state_dict, 
     assert torch.equal(position_ids, torch.arange(77)[None])
 
 
-def test_missing_weights_keep_an_initialisation_and_are_reported(tiny_state_dict, tmp_path, caplog):
+@pytest.mark.parametrize("kept, lacking", [
+    ("model.diffusion_model.out.2.weight", "UNet"),  # 1 tensor of 912
+    ("first_stage_model.", "UNet"),
+    ("model.diffusion_model.", "VAE"),
+])
+def test_a_checkpoint_lacking_weights_is_refused_naming_the_parts(kept, lacking, tiny_state_dict, tmp_path):
+    path = tmp_path / "partial.safetensors"
+    save_file({k: v for k, v in tiny_state_dict.items() if k.startswith(kept)}, path)
+    with pytest.raises(CheckpointError, match=f"partial.safetensors lacks weights the model needs: .*{lacking} "):
+        load_model(TINY_CONFIG, path)
+
+
+def test_a_directory_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="is a directory; give the checkpoint file in it"):
+        load_model(TINY_CONFIG, tmp_path)
+
+
+def test_a_partial_load_keeps_an_initialisation_when_asked(tiny_state_dict, tmp_path, caplog):
     state_dict = {k: v for k, v in tiny_state_dict.items() if not k.startswith("first_stage_model.decoder.")}
     path = tmp_path / "partial.safetensors"
     save_file(state_dict, path)
-    model = load_model(TINY_CONFIG, path)
-    assert "lacks" in caplog.text
+    model = load_model(TINY_CONFIG, path, allow_partial=True)
+    assert "lacks VAE (" in caplog.text
     assert not any(p.is_meta for p in model.parameters())
     assert torch.equal(model.state_dict()["model.diffusion_model.out.2.weight"],
                        tiny_state_dict["model.diffusion_model.out.2.weight"])
@@ -169,4 +187,42 @@ def test_config_may_only_build_ldm_and_torch_nn_classes(tmp_path):
     path = tmp_path / "evil.yaml"
     path.write_text(config)
     with pytest.raises(ConfigError, match="os.system"):
+        build_model(path)
+
+
+PAYLOAD = "{target: os.system, params: {command: 'touch PWNED'}}"
+HOSTILE_CONFIGS = {
+    # an interpolation resolves to a target that the config's own text never names where it is built
+    "interpolation": lambda text: text.replace("        lossconfig:\n          target: torch.nn.Identity",
+                                               "        lossconfig: ${payload}") + f"payload: {PAYLOAD}\n",
+    # a resolver that turns a string into a mapping
+    "decoded string": lambda text: text.replace(
+        "        lossconfig:\n          target: torch.nn.Identity",
+        "        lossconfig: '${oc.decode:\"{target: os.system, params: {command: touch PWNED}}\"}'"),
+    # nested deep inside a list, and outside the model section
+    "nested in a list": lambda text: text + f"extras:\n  - name: a\n    parts: [1, {{inner: {PAYLOAD}}}]\n",
+    "a non-string target": lambda text: text.replace("target: torch.nn.Identity", "target: [os.system]"),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(HOSTILE_CONFIGS))
+def test_no_config_runs_code_however_it_hides_the_target(variant, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "hostile.yaml"
+    path.write_text(HOSTILE_CONFIGS[variant](TINY_CONFIG.read_text()))
+    with pytest.raises(ConfigError, match="only ldm.* and torch.nn.*"):
+        build_model(path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_config_is_resolved_once_and_names_what_it_lacks(tmp_path):
+    path = tmp_path / "interpolated.yaml"
+    path.write_text(TINY_CONFIG.read_text().replace("ch: 32", "ch: ${width}") + "width: 32\n")
+    config = load_config(path)
+    assert config.model.params.first_stage_config.params.ddconfig.ch == 32  # a plain value now
+    path.write_text(TINY_CONFIG.read_text().replace("ch: 32", "ch: ${missing_key}"))
+    with pytest.raises(ConfigError, match="cannot resolve config"):
+        load_config(path)
+    path.write_text(TINY_CONFIG.read_text().replace("target: torch.nn.Identity", "target: ldm.models.NoSuchThing"))
+    with pytest.raises(InputError, match="does not exist"):
         build_model(path)

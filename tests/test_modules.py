@@ -1,5 +1,7 @@
 """The text encoder: CLIP tokenizer ids as open_clip's (padded with 49407), outputs as transformers' CLIPTextModel."""
 
+import logging
+
 import open_clip.tokenizer
 import pytest
 import torch
@@ -78,3 +80,15 @@ def test_embedder_is_frozen_and_in_eval_mode(tiny_model):
         assert tiny_model.model.training
     finally:
         tiny_model.eval()
+
+
+def test_a_prompt_cut_to_77_tokens_is_reported_once_with_what_was_dropped(caplog):
+    encoder = FrozenCLIPEmbedder(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2))
+    long_prompt = "a photo of " + " ".join(["cat"] * 72) + " wearing a red hat"
+    with caplog.at_level(logging.WARNING, logger="ldm"):
+        tokens = encoder.tokenize([long_prompt, long_prompt, "short"])
+        encoder.tokenize([long_prompt])
+    assert tokens.shape == (3, 77) and tokens[0, -1] == END_OF_TEXT
+    warnings = [record.getMessage() for record in caplog.records]
+    assert warnings == ["a prompt is 4 tokens over the 75 that fit; dropped: 'wearing a red hat'"]

@@ -67,3 +67,16 @@ def test_min_snr_weights_clip_the_signal_to_noise_ratio():
     assert torch.allclose(weights, torch.where(snr > 5.0, 5.0 / snr, torch.ones_like(snr)), rtol=1e-5)
     assert weights[0] < 0.01 and weights[-1] == 1.0
     assert torch.equal(DiffusionTraining(model).loss_weights(t), torch.ones(4))
+
+
+def test_main_runs_no_code_from_a_config(tmp_path, monkeypatch, capsys):
+    """main.py builds data, the training module and callbacks from configs: every target is checked first."""
+    monkeypatch.chdir(tmp_path)
+    hostile = tmp_path / "hostile.yaml"
+    hostile.write_text(LDM.read_text().replace("target: ldm.data.shapes.ShapesDataset\n    params: { length: 40000",
+                                               "target: os.system\n    params: { command: 'touch PWNED'"))
+    assert main.main(["--base", str(hostile), "-t", "-l", str(tmp_path)]) == 2
+    override = ["--base", str(LDM), "-l", str(tmp_path), "training.target=os.system"]
+    assert main.main(override) == 2
+    assert not (tmp_path / "PWNED").exists()
+    assert all(line.startswith("error: ") and "os.system" in line for line in capsys.readouterr().err.splitlines())

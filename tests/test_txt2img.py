@@ -60,8 +60,21 @@ def test_files_are_numbered_on_across_runs_with_metadata(tmp_path, tiny_checkpoi
     assert sorted(p.name for p in tmp_path.glob("grid-*.png")) == ["grid-0000.png", "grid-0001.png"]
     text = Image.open(tmp_path / "samples" / "00003.png").text
     assert text == {"prompt": "a red circle", "negative_prompt": "blurry", "seed": "42", "sampler": "dpm_solver",
-                    "steps": "3", "scale": "7.5", "size": "64x64", "checkpoint": tiny_checkpoint.name}
+                    "steps": "3", "scale": "7.5", "size": "64x64", "checkpoint": tiny_checkpoint.name, "index": "1"}
     assert Image.open(tmp_path / "grid-0000.png").size == (2 + 2 * 66, 2 + 66)
+
+
+def test_grid_rows_follow_batches_when_the_last_batch_is_short(tmp_path, tiny_checkpoint):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\na green star\n")
+    assert txt2img.main(tiny_run(tmp_path / "out", tiny_checkpoint, "--no_safety_checker", "--from-file",
+                                 str(prompts), "--n_iter", "2")) == 0  # batches of 2, 1, 2, 1
+    grid = pixels(tmp_path / "out" / "grid-0000.png")
+    assert grid.shape == (2 + 4 * 66, 2 + 2 * 66, 3)  # a row per batch
+    assert (grid[2 + 66:2 + 66 + 64, 2 + 66:2 + 66 + 64] == 0).all()  # the short batch's empty cell is black
+    samples = sorted((tmp_path / "out" / "samples").iterdir())
+    assert np.array_equal(grid[2 + 2 * 66:2 + 2 * 66 + 64, 2:2 + 64], pixels(samples[3]))  # iteration 2 starts a row
+    assert [Image.open(path).text["index"] for path in samples] == ["0", "1", "2", "3", "4", "5"]
 
 
 def test_a_short_last_batch_from_file_and_skip_flags(tmp_path, tiny_checkpoint):
@@ -168,12 +181,30 @@ def test_the_safety_checker_replaces_what_it_flags_and_says_so(tmp_path, tiny_ch
     (["--ddim_steps", "5000"], "at most 1000"),
     (["--n_samples", "0"], "--n_samples must be a positive"),
     (["--n_iter", "-1"], "--n_iter must be a positive"),
-    (["--scale", "-2"], "--scale must be non-negative"),
+    (["--scale", "-2"], "--scale must be between 0 and 100"),
+    (["--scale", "1e30"], "--scale must be between 0 and 100"),
+    (["--scale", "nan"], "argument --scale: must be a finite number"),
+    (["--scale", "inf"], "argument --scale: must be a finite number"),
+    (["--ddim_eta", "nan"], "argument --ddim_eta: must be a finite number"),
+    (["--ddim_eta", "2"], "--ddim_eta must be between 0 and 1"),
+    (["--dpm_solver", "--ddim_steps", "1"], "--ddim_steps must be at least 2 for DPM-Solver++(2M)"),
+    (["--prompt"], "--prompt needs a value"),
+    (["--outdir"], "--outdir needs a value"),
+    (["--outdir", ""], "--outdir must name a directory"),
+    (["--outdir", "/proc/ldm-test"], "cannot write to /proc/ldm-test"),
+    (["--n_samples", "two"], "argument --n_samples: invalid int value"),
+    (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+    (["--H", "99968", "--W", "99968"], "image(s) of 99968×99968 at once need about"),
+    (["--n_samples", "200000"], "lower --n_samples or --H/--W"),
+    (["--ckpt", "."], "is a directory; give the checkpoint file in it"),
+    (["--config", "NO_FIRST_STAGE.yaml"], "not a latent-diffusion model config"),
+    (["--config", "MISSING_CLASS.yaml"], "config names 'ldm.modules.encoders.modules.NoSuchEncoder', which does not"),
+    (["--config", "HOSTILE.yaml"], "only ldm.* and torch.nn.* classes"),
     (["--plms", "--ddim_eta", "0.5"], "--ddim_eta must be 0 with --plms"),
     (["--from-file", "missing.txt"], "cannot read --from-file"),
     (["--from-file", "EMPTY"], "contains no prompts"),
     (["--outdir", "A_FILE/out"], "not a directory"),
-    (["--seed", "-1"], "--seed must be between"),
+    (["--seed", "-2"], "--seed must be between"),
     (["--laion400m"], "LAION-400M"),
     (["--cuda_graph"], "--cuda_graph needs a CUDA device"),
     (["--attention_slicing", "-1"], "--attention_slicing must be 0 (off) or a positive"),
@@ -185,6 +216,13 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(change, message, tmp_pa
     (tmp_path / "NOT_A_CHECKPOINT").write_bytes(np.random.default_rng(0).bytes(1000))
     (tmp_path / "EMPTY").write_text("\n  \n")
     (tmp_path / "A_FILE").write_text("")
+    (tmp_path / "HOSTILE.yaml").write_text(TINY_CONFIG.read_text().replace(
+        "        lossconfig:\n          target: torch.nn.Identity", "        lossconfig: ${payload}")
+        + "payload: {target: os.system, params: {command: 'touch PWNED'}}\n")
+    (tmp_path / "MISSING_CLASS.yaml").write_text(TINY_CONFIG.read_text().replace(
+        "ldm.modules.encoders.modules.FrozenCLIPEmbedder", "ldm.modules.encoders.modules.NoSuchEncoder"))
+    (tmp_path / "NO_FIRST_STAGE.yaml").write_text(
+        "model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n    unet_config: {}\n")
     monkeypatch.chdir(tmp_path)
     argv = tiny_run(tmp_path / "out", tiny_checkpoint) + change
     if change:
@@ -192,7 +230,25 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(change, message, tmp_pa
     assert txt2img.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "PWNED").exists()
+
+
+def test_an_unusable_output_folder_is_found_before_the_model_loads(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr("ldm.generation.Pipeline.from_config", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "samples").write_text("a file where the samples go")
+    assert txt2img.main(tiny_run(tmp_path / "out", tiny_checkpoint, "--no_safety_checker")) == 2
+    assert "samples is not a directory" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["samples"]
+
+
+def test_a_random_seed_is_picked_reported_and_recorded(tmp_path, tiny_checkpoint, caplog):
+    assert txt2img.main(tiny_run(tmp_path, tiny_checkpoint, "--no_safety_checker", "--seed", "-1")) == 0
+    seed = Image.open(tmp_path / "samples" / "00000.png").text["seed"]
+    assert 0 <= int(seed) < 2 ** 32
+    summary = [record.getMessage() for record in caplog.records if "sampler" in record.getMessage()]
+    assert summary == [f"{tiny_checkpoint.name} (v1-tiny.yaml): DDIM sampler, 3 steps, 64×64, seed {seed}, cpu, "
+                       "precision full"]
 
 
 def test_speed_and_memory_flags_run(tmp_path, tiny_checkpoint):

@@ -23,11 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ldm.modules.ema import LitEma
-from ldm.util import InputError, instantiate_from_config
+from ldm.util import ALLOWED_TARGET_PREFIXES, InputError, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
-ALLOWED_TARGET_PREFIXES = ("ldm.", "torch.nn.")
 
 
 class CheckpointError(InputError):
@@ -95,11 +94,19 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < path.stat().st_size
 
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint's tensors without executing any code stored in it."""
+def check_checkpoint_path(path: str | Path) -> Path:
+    """The checkpoint's path, if it names a file (read by :func:`read_checkpoint`)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; give the checkpoint file in it (.ckpt or .safetensors)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint's tensors without executing any code stored in it."""
+    path = check_checkpoint_path(path)
     try:
         if _is_safetensors(path):
             return Checkpoint(safetensors.torch.load_file(path))
@@ -133,7 +140,12 @@ def _checkpoint_from_content(content: Any, path: Path) -> Checkpoint:
 
 
 def load_config(config: str | Path | Mapping) -> DictConfig:
-    """Read a YAML model config (or take a mapping) and check it builds only ``ldm.*`` and ``torch.nn.*`` classes."""
+    """Read a YAML model config (or take a mapping), resolve its interpolations, and check that every ``target``
+    in it, at any depth, names an ``ldm.*`` or ``torch.nn.*`` class.
+
+    Interpolations are resolved here, once, so that nothing built later can resolve one into a target that was
+    never checked (a ``lossconfig: ${payload}`` whose ``payload`` names ``os.system``, say).
+    """
     if isinstance(config, (str, Path)):
         if not Path(config).is_file():
             raise ConfigError(f"config not found: {config}")
@@ -141,18 +153,23 @@ def load_config(config: str | Path | Mapping) -> DictConfig:
             config = OmegaConf.load(config)
         except Exception as error:  # OmegaConf/YAML raise many types; all mean "not a valid config file"
             raise ConfigError(f"cannot read config {config}: {str(error).splitlines()[0]}") from None
-    config = OmegaConf.create(config) if not isinstance(config, DictConfig) else config
-    if "model" not in config or "target" not in config.model:
+    try:
+        resolved = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
+    except Exception as error:  # unresolvable interpolations, unknown resolvers, bad nodes
+        raise ConfigError(f"cannot resolve config: {str(error).splitlines()[0]}") from None
+    if not isinstance(resolved.get("model"), Mapping) or "target" not in resolved["model"]:
         raise ConfigError("config has no 'model.target': is it a latent-diffusion model config?")
-    _check_targets(OmegaConf.to_container(config.model))
-    return config
+    _check_targets(resolved)
+    return OmegaConf.create(resolved)
 
 
 def _check_targets(node: Any) -> None:
     if isinstance(node, Mapping):
-        target = node.get("target")
-        if isinstance(target, str) and not target.startswith(ALLOWED_TARGET_PREFIXES):
-            raise ConfigError(f"config names {target!r}; only ldm.* and torch.nn.* classes are built from configs")
+        if "target" in node:
+            target = node["target"]
+            if not isinstance(target, str) or not target.startswith(ALLOWED_TARGET_PREFIXES):
+                raise ConfigError(f"config names {target!r}; only ldm.* and torch.nn.* classes are built from "
+                                  "configs")
         for value in node.values():
             _check_targets(value)
     elif isinstance(node, list):
@@ -251,22 +268,42 @@ def _place(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> 
         setattr(model, name, buffer.to(device=device, dtype=torch.float32 if buffer.is_floating_point() else None))
 
 
+# Where a missing weight belongs, by key prefix, to say which part a partial checkpoint lacks.
+MODEL_PARTS = {"model.diffusion_model.": "UNet", "first_stage_model.": "VAE", "cond_stage_model.": "text encoder"}
+
+
+def missing_parts(missing: list[str]) -> str:
+    """'UNet (686 weights), VAE (248)': the parts that ``missing`` keys belong to, with counts."""
+    counts: dict[str, int] = {}
+    for key in missing:
+        part = next((name for prefix, name in MODEL_PARTS.items() if key.startswith(prefix)), "other")
+        counts[part] = counts.get(part, 0) + 1
+    return ", ".join(f"{part} ({count} weights)" for part, count in counts.items())
+
+
 def load_model(config: str | Path | Mapping, ckpt: str | Path, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Build the model of ``config``, load ``ckpt`` into it, and return it in eval mode on ``device``."""
+               dtype: torch.dtype = torch.float32, allow_partial: bool = False) -> nn.Module:
+    """Build the model of ``config``, load ``ckpt`` into it, and return it in eval mode on ``device``.
+
+    A checkpoint that lacks weights the model needs is refused, naming the parts (UNet, VAE, text encoder) it
+    lacks: it would draw noise. ``allow_partial=True`` keeps their random initial values instead, with a warning.
+    """
     config = load_config(config)
     checkpoint = read_checkpoint(ckpt)
     if checkpoint.global_step is not None:
-        logger.info("Global Step: %d", checkpoint.global_step)
+        logger.debug("Global Step: %d", checkpoint.global_step)
     model = build_model(config, meta=True)
     report = load_state_dict(model, checkpoint.state_dict, assign=True)
     _restart_ema(model, report)
     if _has_meta_tensors(model):
-        logger.warning("checkpoint lacks %d model weights; they keep their random initial values",
-                       len(report.missing))
+        if not allow_partial:
+            raise CheckpointError(f"{Path(ckpt).name} lacks weights the model needs: "
+                                  f"{missing_parts(report.missing)}; is it a checkpoint of this model?")
+        logger.warning("checkpoint lacks %s; they keep their random initial values", missing_parts(report.missing))
         model = build_model(config)
         report = load_state_dict(model, checkpoint.state_dict)
         _restart_ema(model, report)
-    logger.info("%s: %s", Path(ckpt).name, report.summary())
+    clean = not (report.missing or report.unexpected)
+    logger.log(logging.DEBUG if clean else logging.INFO, "%s: %s", Path(ckpt).name, report.summary())
     _place(model, device, dtype)
     return model.eval()

@@ -38,7 +38,7 @@ class DDIMSampler:
         self.ddim_sqrt_one_minus_alphas = np.sqrt(1.0 - alphas)
         self.ddim_eta = ddim_eta
         if verbose:
-            logger.info("DDIM grid: %d steps, timesteps %s … %s, eta %g", len(self.ddim_timesteps),
+            logger.debug("DDIM grid: %d steps, timesteps %s … %s, eta %g", len(self.ddim_timesteps),
                         self.ddim_timesteps[0], self.ddim_timesteps[-1], ddim_eta)
 
     @torch.no_grad()
@@ -95,7 +95,8 @@ class DDIMSampler:
         intermediates.start(x)
         history: list[torch.Tensor] = []  # earlier noise predictions, for multistep subclasses
         indices = range(num_steps - 1, -1, -1)
-        for step, index in enumerate(tqdm(indices, desc=f"{self.name} Sampler", disable=not verbose)):
+        steps = tqdm(indices, desc=f"{self.name} Sampler", disable=not verbose, leave=False, unit="step")
+        for step, index in enumerate(steps):
             x, pred_x0 = self._step(x, index, eps_at, history, generator)
             if callback is not None:
                 callback(step, x, pred_x0)

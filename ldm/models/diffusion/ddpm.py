@@ -66,11 +66,11 @@ class DDPM(nn.Module):
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
         self.parameterization = parameterization
-        logger.info("%s: running in %s-prediction mode", type(self).__name__, parameterization)
+        logger.debug("%s: running in %s-prediction mode", type(self).__name__, parameterization)
         self.image_size = image_size
         self.channels = channels
         self.model = DiffusionWrapper(unet_config, conditioning_key)
-        logger.info("DiffusionWrapper has %.2f M params.", count_params(self.model) * 1e-6)
+        logger.debug("DiffusionWrapper has %.2f M params.", count_params(self.model) * 1e-6)
         self.use_ema = use_ema
         if use_ema:
             self.model_ema = LitEma(self.model)

@@ -9,6 +9,7 @@ import functools
 import gzip
 import html
 import importlib.util
+import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -16,6 +17,8 @@ import ftfy
 import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+logger = logging.getLogger(__name__)
 
 START_OF_TEXT = 49406
 END_OF_TEXT = 49407
@@ -52,8 +55,9 @@ def bpe_vocabulary_path() -> Path:
 
 
 @functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=1)
 def clip_tokenizer() -> CLIPTokenizer:
-    """CLIP's tokenizer built in memory from open_clip's BPE file (ids identical to OpenAI CLIP's)."""
+    """CLIP's tokenizer built in memory from open_clip's BPE file (ids identical to OpenAI CLIP's), once."""
     lines = gzip.open(bpe_vocabulary_path()).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1:_NUM_MERGES + 1]]
     byte_symbols = list(_bytes_to_unicode().values())
@@ -84,6 +88,7 @@ class FrozenCLIPEmbedder(nn.Module):
             raise ValueError(f"max_length {max_length} exceeds the text model's "
                              f"{config.max_position_embeddings} positions")
         self.max_length = max_length
+        self._reported: set[str] = set()  # prompts already checked for length
         # transformers 5 flattened CLIPTextModel; the extra level keeps the checkpoint's
         # "transformer.text_model.*" names, so original weights load with no renaming.
         self.transformer = nn.Module()
@@ -97,11 +102,20 @@ class FrozenCLIPEmbedder(nn.Module):
             param.requires_grad = False
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        """LongTensor (B, max_length) of token ids."""
+        """LongTensor (B, max_length) of token ids; a prompt cut to fit is reported once, with what was dropped."""
         if isinstance(texts, str):
             raise TypeError("tokenize expects a list of prompts, not a single string")
-        return clip_tokenizer()([clean_text(t) for t in texts], padding="max_length", max_length=self.max_length,
-                                truncation=True, return_tensors="pt").input_ids
+        tokenizer = clip_tokenizer()
+        cleaned = [clean_text(t) for t in texts]
+        unseen = [text for text in dict.fromkeys(cleaned) if text not in self._reported]
+        for text, ids in zip(unseen, tokenizer(unseen)["input_ids"] if unseen else []):
+            self._reported.add(text)
+            if len(ids) > self.max_length:
+                dropped = tokenizer.decode(ids[self.max_length - 1:-1])
+                logger.warning("a prompt is %d tokens over the %d that fit; dropped: %r", len(ids) - self.max_length,
+                               self.max_length - 2, dropped)
+        return tokenizer(cleaned, padding="max_length", max_length=self.max_length, truncation=True,
+                         return_tensors="pt").input_ids
 
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
         text_model = self.transformer.text_model

@@ -520,7 +520,8 @@ class DPM_Solver:
         times = self.get_time_steps(skip_type, t_T, t_0, steps)
         t_prev, model_prev = [times[0]], [self._model(x, times[0])]
         x = after_step(x, times[0], 0)
-        for step in tqdm(range(1, steps + 1), desc="DPM-Solver", disable=not progress):
+        for step in tqdm(range(1, steps + 1), desc="DPM-Solver", disable=not progress, leave=False,
+                         unit="step"):
             step_order = min(order, step)
             if lower_order_final and steps < LOWER_ORDER_FINAL_BELOW_STEPS:
                 step_order = min(step_order, steps + 1 - step)
@@ -544,7 +545,8 @@ class DPM_Solver:
             fine = self.get_time_steps(skip_type, t_T, t_0, sum(orders))
             outer = [fine[i] for i in itertools.accumulate(orders, initial=0)]
         x = after_step(x, outer[0], 0)
-        for step, step_order in enumerate(tqdm(orders, desc="DPM-Solver", disable=not progress), start=1):
+        bar = tqdm(orders, desc="DPM-Solver", disable=not progress, leave=False, unit="step")
+        for step, step_order in enumerate(bar, start=1):
             s, t = outer[step - 1], outer[step]
             inner = [self._lambda(u) for u in self.get_time_steps(skip_type, s, t, step_order)]
             ratios = [(lamb - inner[0]) / (inner[-1] - inner[0]) for lamb in inner[1:-1]]
