@@ -37,7 +37,7 @@ PARAMETER_FLAGS = {
     "device": "--device", "precision": "--precision", "safety_checker": "--safety_checker",
     "cuda_graph": "--cuda_graph", "compile": "--compile", "attention_slicing": "--attention_slicing",
     "images": "--init-img", "encode_ratio": "--encode_ratio", "encode_type": "--encode_type",
-    "n_samples": "--n_samples", "noise": "--fixed_code", "x_T": "--fixed_code",
+    "n_samples": "--n_samples", "noise": "--fixed_code", "x_T": "--fixed_code", "outdir": "--outdir",
 }
 # What the command line adds to a parameter's message.
 FLAG_HINTS = {"safety_checker": "with --no_safety_checker"}

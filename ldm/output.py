@@ -14,7 +14,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from torchvision.utils import make_grid
 
-from ldm.util import InputError
+from ldm.util import InputError, ParameterError
 from ldm.watermark import can_watermark, put_watermark
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def check_writable(directory: str | Path, subdirs: tuple[str, ...] = ("samples",
     run starts, so that no work is lost at the end. Nothing is left behind (the probe is a nameless temporary
     file in the deepest folder that exists)."""
     if not str(directory).strip():
-        raise InputError("--outdir must name a directory (an empty one would mean the current directory)")
+        raise ParameterError("outdir", "must name a directory (an empty name would mean the current directory)")
     for path in (Path(directory), *(Path(directory) / subdir for subdir in subdirs)):
         existing = path
         while not existing.exists() and not existing.is_symlink():

@@ -17,9 +17,6 @@ PLACEHOLDER = Path(__file__).resolve().parents[1] / "assets" / "safety_placehold
 CLIP_SIZE = 224
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
-MISSING_CHECKER = (f"no safety checker weights found: pass --safety_checker DIR (a local copy of {CHECKER_REPO} "
-                   f"in diffusers format, e.g. fetched with `huggingface-cli download {CHECKER_REPO}` where there "
-                   "is network), or --no_safety_checker to run without it")
 
 
 def clip_preprocess(images: list[Image.Image]) -> torch.Tensor:

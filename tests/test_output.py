@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from ldm.output import ImageWriter, check_writable, image_grid, to_pil
-from ldm.util import InputError
+from ldm.util import InputError, ParameterError
 
 
 def test_numbering_continues_after_the_highest_existing_file(tmp_path):
@@ -68,7 +68,7 @@ def test_unwritable_output_is_refused_and_the_check_leaves_nothing(tmp_path):
         check_writable(tmp_path / "run")
     with pytest.raises(InputError, match="cannot write to /proc/ldm-outputs"):
         check_writable("/proc/ldm-outputs")
-    with pytest.raises(InputError, match="--outdir must name a directory"):
+    with pytest.raises(ParameterError, match="^outdir must name a directory"):
         check_writable("")
     check_writable(tmp_path / "new" / "deeper", ("samples", "masks"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "run"]

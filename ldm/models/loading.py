@@ -237,7 +237,7 @@ def match_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -
                               "is it a Stable Diffusion v1 checkpoint for this config?")
     if mismatched:
         raise CheckpointError(f"the checkpoint does not fit this config ({len(mismatched)} shape mismatches; "
-                              f"{mismatched[0]}): check --config")
+                              f"{mismatched[0]}): is it the config of this checkpoint?")
     return report
 
 
