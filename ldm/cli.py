@@ -18,10 +18,11 @@ from typing import Callable
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from ldm.generation import (DEVICES, PRECISIONS, Generated, Pipeline, activation_bytes, available_bytes, resolve_device,
-                            resolve_precision)
+from ldm.generation import (DEVICES, PRECISIONS, Generated, Pipeline, activation_bytes, available_bytes, open_image,
+                            resolve_device, resolve_precision)
 from ldm.models.acceleration import Acceleration
-from ldm.output import RunOutput, check_writable
+from ldm.modules.encoders.modules import EMPHASIS_MODES
+from ldm.output import A1111_SAMPLERS, RunOutput, check_writable, parse_infotext
 from ldm.util import InputError, ParameterError, Problems, check_seed, seed_everything
 
 logger = logging.getLogger("ldm")
@@ -29,6 +30,7 @@ logger = logging.getLogger("ldm")
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
+DEFAULT_EMBEDDINGS = "models/embeddings"
 
 # The library's parameter names → the flags that set them (the same in every script).
 PARAMETER_FLAGS = {
@@ -38,6 +40,7 @@ PARAMETER_FLAGS = {
     "cuda_graph": "--cuda_graph", "compile": "--compile", "attention_slicing": "--attention_slicing",
     "images": "--init-img", "encode_ratio": "--encode_ratio", "encode_type": "--encode_type",
     "n_samples": "--n_samples", "noise": "--fixed_code", "x_T": "--fixed_code", "outdir": "--outdir",
+    "clip_skip": "--clip_skip", "emphasis": "--emphasis",
 }
 # What the command line adds to a parameter's message.
 FLAG_HINTS = {"safety_checker": "with --no_safety_checker"}
@@ -163,9 +166,20 @@ def add_checkpoint_arguments(parser: ScriptParser) -> None:
 
 
 def add_extra_arguments(parser: ScriptParser) -> None:
-    """Beyond the original: negative prompt, device choice, safety checker location, speed and memory."""
-    parser.group("prompt").add_argument("--negative_prompt", type=str, default="",
-                                        help="what to steer away from (replaces the empty unconditional prompt)")
+    """Beyond the original: negative prompt and prompt syntax, device choice, safety checker, speed and memory."""
+    prompt = parser.group("prompt")
+    prompt.add_argument("--negative_prompt", type=str, default="",
+                        help="what to steer away from (replaces the empty unconditional prompt)")
+    prompt.add_argument("--emphasis", type=str, choices=EMPHASIS_MODES, default="original",
+                        help="original: AUTOMATIC1111's prompt syntax, (word:1.3) (word) [word] BREAK, prompts of any "
+                             "length; none: brackets are text and prompts are cut at 77 tokens, the original's "
+                             "conditioning byte for byte")
+    prompt.add_argument("--clip_skip", type=int, default=1, metavar="N",
+                        help="use the text encoder's layer N from the end (AUTOMATIC1111's 'Clip skip: N'; "
+                             "diffusers' clip_skip=N-1); many anime fine-tunes want 2")
+    prompt.add_argument("--embeddings", type=str, default=None, metavar="DIR",
+                        help=f"textual-inversion embeddings (.pt, .bin, .safetensors), each used as the word of its "
+                             f"file name (default: {DEFAULT_EMBEDDINGS}/ if it exists)")
     parser.group("model").add_argument("--device", type=str, default="auto", choices=DEVICES,
                                        help="where to run: auto picks cuda, then mps, then cpu")
     safety = parser.group("safety")
@@ -181,6 +195,9 @@ def add_extra_arguments(parser: ScriptParser) -> None:
     speed.add_argument("--attention_slicing", type=int, default=0, metavar="TOKENS",
                        help="attend over at most this many query tokens at a time (0: off); for small cards")
     speed.add_argument("--vae_slicing", action="store_true", help="decode one image at a time; for small cards")
+    speed.add_argument("--pad_cond_uncond", action="store_true",
+                       help="a prompt and negative prompt of different lengths: pad the shorter with empty chunks "
+                            "and guide in one batch (faster, slightly different) instead of two UNet calls")
     speed.add_argument("--winograd", action=argparse.BooleanOptionalAction, default=True,
                        help="CPU, float32: wide 3×3 convolutions by Winograd F(2×2, 3×3), faster but holding "
                             "transformed kernels (+3.7 GB for SD v1)")
@@ -199,6 +216,7 @@ def pipeline_from_args(args: argparse.Namespace, config: DictConfig, sampler: st
     pipeline = Pipeline.from_config(config, args.ckpt, device=args.device, precision=args.precision,
                                     sampler=sampler, safety_checker=checker,
                                     acceleration=acceleration_from_args(args))
+    configure_prompts(args, pipeline)
     logger.info("%s (%s): %s sampler, %d steps, %s, seed %d, %s, precision %s", Path(args.ckpt).name,
                 Path(args.config).name, pipeline.sampler.name, args.ddim_steps, size, args.seed, pipeline.device.type,
                 pipeline.precision)
@@ -216,6 +234,46 @@ def check_fits(args: argparse.Namespace, config: DictConfig, batch: int, height:
         raise InputError(f"{batch} image(s) of {width}×{height} at once need about {needed / 2 ** 30:,.0f} GiB, but "
                          f"the {device.type} has {free / 2 ** 30:,.1f} GiB free: lower --n_samples or --H/--W "
                          "(--vae_slicing helps with many images)")
+
+
+def configure_prompts(args: argparse.Namespace, pipeline: Pipeline) -> None:
+    """The prompt flags on the pipeline's text encoder: emphasis, CLIP skip, embeddings."""
+    encoder = pipeline.model.cond_stage_model
+    layers = encoder.transformer.text_model.config.num_hidden_layers
+    if not 1 <= args.clip_skip <= layers:
+        raise InputError(f"--clip_skip must be between 1 and {layers} for this text encoder, got {args.clip_skip}")
+    encoder.clip_skip, encoder.emphasis = args.clip_skip, args.emphasis
+    pipeline.pad_cond_uncond = args.pad_cond_uncond
+    directory = Path(args.embeddings or DEFAULT_EMBEDDINGS)
+    if args.embeddings and not directory.exists():
+        raise InputError(f"--embeddings {directory} does not exist")
+    if directory.exists():
+        words = encoder.load_embeddings(directory)
+        logger.info("embeddings: %s", ", ".join(words) if words else f"none in {directory}")
+
+
+def apply_infotext(args: argparse.Namespace, path: str) -> None:
+    """--from-png: take prompt, negative prompt, seed, steps, scale, size, sampler, η and CLIP skip from an image's
+    AUTOMATIC1111 "parameters" text (ours or another tool's)."""
+    image = open_image(path, "--from-png")
+    text = getattr(image, "text", {}).get("parameters") or image.info.get("parameters")
+    if not isinstance(text, str):
+        raise InputError(f"--from-png {path} has no 'parameters' text to take the settings from")
+    fields = parse_infotext(text)
+    samplers = {name: key for key, name in A1111_SAMPLERS.items()}
+    try:
+        width, height = map(int, fields.get("Size", f"{args.W}x{args.H}").split("x"))
+        args.prompt, args.negative_prompt = fields["prompt"], fields["negative_prompt"]
+        args.seed, args.ddim_steps = int(fields.get("Seed", args.seed)), int(fields.get("Steps", args.ddim_steps))
+        args.scale, args.W, args.H = float(fields.get("CFG scale", args.scale)), width, height
+        args.ddim_eta, args.clip_skip = float(fields.get("Eta DDIM", 0.0)), int(fields.get("Clip skip", 1))
+    except ValueError as error:
+        raise InputError(f"--from-png {path}: cannot read its settings ({error})") from None
+    sampler = samplers.get(fields.get("Sampler", "DDIM"))
+    if sampler is None:
+        raise InputError(f"--from-png {path} was drawn with the sampler {fields['Sampler']!r}, which this port has "
+                         f"not; it has {', '.join(A1111_SAMPLERS.values())}")
+    args.dpm_solver, args.plms = sampler == "dpm_solver", sampler == "plms"
 
 
 def run_batches(args: argparse.Namespace, batches: list[list[str]], output: RunOutput,

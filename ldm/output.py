@@ -31,6 +31,42 @@ def image_grid(images: torch.Tensor, n_rows: int) -> Image.Image:
     return to_pil(make_grid(images, nrow=n_rows)[None])[0]
 
 
+# Our sampler names ↔ AUTOMATIC1111's, for the "parameters" text that civitai, A1111 and ComfyUI read.
+A1111_SAMPLERS = {"ddim": "DDIM", "plms": "PLMS", "dpm_solver": "DPM++ 2M"}
+INFOTEXT_FIELD = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def infotext(prompt: str, metadata: Mapping[str, Any]) -> str:
+    """AUTOMATIC1111's "parameters" text for one image: the prompt, ``Negative prompt: …``, then one line of
+    ``Key: value`` pairs (Steps, Sampler, CFG scale, Seed, Size, Model, and where they apply Schedule type, Eta DDIM,
+    Denoising strength, Clip skip)."""
+    fields = {"Steps": metadata["steps"], "Sampler": A1111_SAMPLERS.get(metadata["sampler"], metadata["sampler"])}
+    if metadata["sampler"] == "dpm_solver":
+        fields["Schedule type"] = "Uniform"
+    fields.update({"CFG scale": metadata["scale"], "Seed": metadata["seed"], "Size": metadata["size"],
+                   "Model": Path(str(metadata["checkpoint"])).stem})
+    if metadata.get("eta"):
+        fields["Eta DDIM"] = metadata["eta"]
+    if metadata.get("strength") is not None:
+        fields["Denoising strength"] = metadata["strength"]
+    if int(metadata.get("clip_skip", 1)) != 1:
+        fields["Clip skip"] = metadata["clip_skip"]
+    lines = [prompt, f"Negative prompt: {metadata['negative_prompt']}"] if metadata.get("negative_prompt") else [prompt]
+    return "\n".join(lines + [", ".join(f"{key}: {value}" for key, value in fields.items())])
+
+
+def parse_infotext(text: str) -> dict[str, str]:
+    """The fields of an AUTOMATIC1111 "parameters" text: ``prompt``, ``negative_prompt`` and every ``Key``."""
+    *head, settings = text.strip().split("\n")
+    fields = {key.strip(): value.strip().strip('"') for key, value in INFOTEXT_FIELD.findall(settings)}
+    prompt, negative, in_negative = [], [], False
+    for line in head:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    return {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative), **fields}
+
+
 def check_writable(directory: str | Path, subdirs: tuple[str, ...] = ("samples",)) -> None:
     """Raise unless ``directory`` and its ``subdirs`` are writable directories or can be made: checked before a
     run starts, so that no work is lost at the end. Nothing is left behind (the probe is a nameless temporary
@@ -145,7 +181,8 @@ class RunOutput:
         self.flagged += flagged
         if not self.skip_save:
             for offset, (prompt, image) in enumerate(zip(prompts, to_pil(images))):
-                self.writer.save(image, "samples", metadata=dict(self.metadata, prompt=prompt, index=first + offset))
+                metadata = dict(self.metadata, prompt=prompt, index=first + offset)
+                self.writer.save(image, "samples", metadata={**metadata, "parameters": infotext(prompt, metadata)})
                 self.saved += 1
         if not self.skip_grid:
             self.grid_images.append(images)

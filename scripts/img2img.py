@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     init = pipeline.encode(init_image.repeat(args.n_samples, 1, 1, 1))
     noise = torch.randn_like(init.latents) if args.fixed_code else None
     metadata = dict(negative_prompt=args.negative_prompt, seed=args.seed, sampler=pipeline.sampler_name,
-                    steps=args.ddim_steps, scale=args.scale, strength=args.strength, size=f"{width}x{height}",
-                    checkpoint=Path(args.ckpt).name, init_image=Path(args.init_img).name)
+                    steps=args.ddim_steps, scale=args.scale, eta=args.ddim_eta, strength=args.strength,
+                    size=f"{width}x{height}", checkpoint=Path(args.ckpt).name, init_image=Path(args.init_img).name,
+                    clip_skip=args.clip_skip)
     output = RunOutput(args.outdir, metadata, args.skip_save, args.skip_grid)
     run_batches(args, batches, output, lambda prompts: pipeline.img2img(
         init, args.strength, prompts, steps=args.ddim_steps, scale=args.scale, negative_prompt=args.negative_prompt,

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from ldm.cli import (ScriptParser, add_extra_arguments, add_model_arguments, add_prompt_and_output_arguments,
-                     add_size_arguments, check_common, check_fits, clean_exit, pipeline_from_args, prompt_batches,
-                     run_batches, sampler_name)
+                     add_size_arguments, apply_infotext, check_common, check_fits, clean_exit, pipeline_from_args,
+                     prompt_batches, run_batches, sampler_name)
 from ldm.generation import Geometry
 from ldm.models.loading import load_config
 from ldm.output import RunOutput
@@ -34,7 +34,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.group("output").add_argument("--H", type=int, default=512, help="image height, in pixel space")
     parser.group("output").add_argument("--W", type=int, default=512, help="image width, in pixel space")
     add_extra_arguments(parser)
+    parser.group("prompt").add_argument("--from-png", type=str, default=None, metavar="FILE",
+                                        help="draw again the picture FILE was drawn with: its AUTOMATIC1111 "
+                                             "'parameters' text sets prompt, negative prompt, seed, steps, scale, "
+                                             "size, sampler, eta and CLIP skip")
     args = parser.parse_args(argv)
+    if args.from_png:
+        apply_infotext(args, args.from_png)
     if args.laion400m:
         logger.info("Falling back to LAION 400M model...")
         vars(args).update(LAION400M)
@@ -56,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
     x_T = pipeline.initial_noise(args.n_samples, args.H, args.W) if args.fixed_code else None
     metadata = dict(negative_prompt=args.negative_prompt, seed=args.seed, sampler=pipeline.sampler_name,
-                    steps=args.ddim_steps, scale=args.scale, size=f"{args.W}x{args.H}", checkpoint=Path(args.ckpt).name)
+                    steps=args.ddim_steps, scale=args.scale, eta=args.ddim_eta, size=f"{args.W}x{args.H}",
+                    checkpoint=Path(args.ckpt).name, clip_skip=args.clip_skip)
     output = RunOutput(args.outdir, metadata, args.skip_save, args.skip_grid)
     run_batches(args, batches, output, lambda prompts: pipeline.txt2img(
         prompts, steps=args.ddim_steps, scale=args.scale, negative_prompt=args.negative_prompt, eta=args.ddim_eta,

@@ -80,6 +80,12 @@ def tiny_checkpoint(tiny_model, tmp_path_factory) -> Path:
     return path
 
 
+def assert_one_error_line(capsys, message: str) -> None:
+    """What a user error prints: exactly one line on stderr, ``error: …``, containing ``message``."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
 def load_script(name: str):
     """Import ``scripts/<name>.py`` as a module, to call its ``main(argv)`` in-process."""
     import importlib.util

@@ -6,7 +6,7 @@ import pytest
 from nbclient import NotebookClient
 from PIL import Image
 
-from conftest import ROOT, TINY_CONFIG, load_script
+from conftest import ROOT, TINY_CONFIG, assert_one_error_line, load_script
 
 diffedit_inpaint = load_script("diffedit_inpaint")
 PHOTO = ROOT / "assets" / "diffedit-input.png"
@@ -55,8 +55,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(change, message, tmp_pa
     Image.new("L", (100, 100)).save(tmp_path / "SQUARE.png")
     monkeypatch.chdir(tmp_path)
     assert diffedit_inpaint.main(tiny_run(tmp_path / "out", tiny_checkpoint) + change) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert_one_error_line(capsys, message)
     assert not (tmp_path / "out").exists()
 
 

@@ -202,3 +202,21 @@ def test_memory_needs_grow_with_the_batch_and_the_picture():
     assert activation_bytes(config, 1, 1024, 1024, "full", True, False) == 4 * one
     assert activation_bytes(config, 1, 512, 512, "fp16", True, False) == one // 2
     assert activation_bytes(config, 4, 512, 512, "full", True, vae_slicing=True) < 4 * one
+
+
+def test_a_long_prompt_is_guided_separately_or_padded_with_empty_chunks(tiny_pipeline, monkeypatch):
+    long_prompt = " ".join(["cat"] * 100)  # two chunks against the negative prompt's one
+    contexts = []
+    apply_model = tiny_pipeline.model.apply_model
+    monkeypatch.setattr(tiny_pipeline.model, "apply_model",
+                        lambda x, t, c: contexts.append(tuple(c.shape)) or apply_model(x, t, c))
+    separate = tiny_pipeline.txt2img(long_prompt, steps=2, generator=torch.Generator().manual_seed(0)).images
+    assert contexts[:2] == [(1, 77, 32), (1, 154, 32)]
+    contexts.clear()
+    tiny_pipeline.pad_cond_uncond = True
+    try:
+        padded = tiny_pipeline.txt2img(long_prompt, steps=2, generator=torch.Generator().manual_seed(0)).images
+    finally:
+        tiny_pipeline.pad_cond_uncond = False
+    assert contexts[0] == (2, 154, 32)
+    assert separate.shape == padded.shape and not torch.equal(separate, padded)

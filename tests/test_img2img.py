@@ -6,7 +6,7 @@ from PIL import Image
 from skimage import data
 
 import compvis_reference
-from conftest import ROOT, TINY_CONFIG, load_script
+from conftest import ROOT, TINY_CONFIG, assert_one_error_line, load_script
 from ldm.generation import Geometry, load_image
 from ldm.models.loading import load_config, load_model
 
@@ -104,8 +104,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(change, message, tmp_pa
     Image.new("1", (6000, 3000)).save(tmp_path / "HUGE.png")
     monkeypatch.chdir(tmp_path)
     assert img2img.main(tiny_run(tmp_path / "out", tiny_checkpoint, photo) + change) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert_one_error_line(capsys, message)
     assert not (tmp_path / "out").exists()
 
 

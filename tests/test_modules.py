@@ -7,9 +7,9 @@ import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
 
-from ldm.modules.encoders.modules import END_OF_TEXT, START_OF_TEXT, FrozenCLIPEmbedder
+from ldm.modules.encoders.modules import END_OF_TEXT, START_OF_TEXT, FrozenCLIPEmbedder, clip_tokenizer
 from ldm.testing.diffusers_interop import transformers_text_encoder
-from ldm.util import count_params
+from ldm.util import InputError, count_params
 
 PROMPTS = [
     "a photograph of an astronaut riding a horse",
@@ -63,12 +63,19 @@ def test_tiny_text_encoder_matches_transformers(tiny_model, tiny_embedder, meta)
     """``meta``: built without initialising, on our tensors (its position_ids are not in any state dict)."""
     reference = transformers_text_encoder(tiny_model.state_dict(), tiny_embedder.transformer.text_model.config,
                                           meta=meta)
-    prompts = PROMPTS[:4]
-    with torch.no_grad():
-        ours = tiny_model.get_learned_conditioning(prompts)
-        theirs = reference(input_ids=tiny_embedder.tokenize(prompts)).last_hidden_state
-    assert ours.shape == (4, 77, 32)
-    assert (ours - theirs).abs().max() <= 1e-4
+    bracket_free = [prompt for prompt in PROMPTS if not set("()[]\\") & set(prompt)
+                    and len(clip_tokenizer()(prompt).input_ids) <= 77]  # at most 75 tokens and the ends
+    encoder = tiny_model.cond_stage_model
+    try:
+        with torch.no_grad():
+            for emphasis, prompts in (("original", bracket_free), ("none", PROMPTS)):
+                encoder.emphasis = emphasis
+                ours = tiny_model.get_learned_conditioning(prompts)
+                theirs = reference(input_ids=tiny_embedder.tokenize(prompts)).last_hidden_state
+                assert ours.shape == (len(prompts), 77, 32)
+                assert (ours - theirs).abs().max() <= 1e-4
+    finally:
+        encoder.emphasis = "original"
 
 
 def test_embedder_is_frozen_and_in_eval_mode(tiny_model):
@@ -92,3 +99,169 @@ def test_a_prompt_cut_to_77_tokens_is_reported_once_with_what_was_dropped(caplog
     assert tokens.shape == (3, 77) and tokens[0, -1] == END_OF_TEXT
     warnings = [record.getMessage() for record in caplog.records]
     assert warnings == ["a prompt is 4 tokens over the 75 that fit; dropped: 'wearing a red hat'"]
+
+
+@pytest.fixture(scope="module")
+def diffusers_text_pipeline(tiny_model, tiny_original_config):
+    """diffusers' StableDiffusionPipeline on the tiny weights, with a tokenizer of its own (textual inversion adds
+    tokens to the tokenizer it is given)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from ldm.testing.diffusers_interop import diffusers_unet, diffusers_vae
+
+    state_dict = tiny_model.state_dict()
+    tokenizer = clip_tokenizer.__wrapped__()
+    tokenizer.model_max_length = 77
+    text_encoder = transformers_text_encoder(state_dict, tiny_model.cond_stage_model.transformer.text_model.config)
+    # diffusers 0.42's clip_skip path reads transformers 4's text_encoder.text_model.final_layer_norm; transformers
+    # 5 flattened that level away. An unregistered alias gives diffusers the layout it expects.
+    object.__setattr__(text_encoder, "text_model", text_encoder)
+    return StableDiffusionPipeline(
+        vae=diffusers_vae(state_dict, tiny_original_config), unet=diffusers_unet(state_dict, tiny_original_config),
+        text_encoder=text_encoder, tokenizer=tokenizer, scheduler=DDIMScheduler(), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+
+
+@pytest.fixture
+def encoder(tiny_model):
+    """The tiny model's text encoder, its prompt settings restored after each test."""
+    encoder = tiny_model.cond_stage_model
+    yield encoder
+    encoder.clip_skip, encoder.emphasis, encoder.embeddings = 1, "original", {}
+
+
+def features_by_hand(encoder, chunks) -> torch.Tensor:
+    """Each chunk's ids through the plain text model, emphasis applied as the formula says, then concatenated."""
+    pieces = []
+    for chunk in chunks:
+        z = encoder.transformer.text_model(input_ids=torch.tensor([chunk.tokens])).last_hidden_state
+        weights = torch.tensor(chunk.weights)[None, :, None]
+        pieces.append(z * weights * (z.mean() / (z * weights).mean()))
+    return torch.cat(pieces, dim=1)
+
+
+@torch.no_grad()
+def test_a_long_weighted_prompt_is_its_chunks_encoded_and_weighted_by_hand(encoder):
+    prompt = "(a castle:1.3) on a hill, " + ", ".join(["tall trees"] * 30) + ", [fog]"
+    chunks = encoder.chunks(prompt)
+    assert len(chunks) == 2 and all(len(chunk.tokens) == 77 for chunk in chunks)
+    ours = encoder([prompt])
+    assert ours.shape == (1, 154, 32)
+    torch.testing.assert_close(ours, features_by_hand(encoder, chunks), rtol=1e-5, atol=1e-5)
+    assert chunks[0].weights[1:3] == [1.3, 1.3] and chunks[1].weights[chunks[1].tokens.index(END_OF_TEXT) - 1] == \
+        pytest.approx(1 / 1.1)
+
+
+@torch.no_grad()
+def test_prompts_of_different_lengths_in_a_batch_get_empty_chunks(encoder):
+    features = encoder(["a cat", " ".join(["cat"] * 100)])
+    assert features.shape == (2, 154, 32)
+    torch.testing.assert_close(features[0, 77:], encoder([""])[0])
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])
+@torch.no_grad()
+def test_clip_skip_is_the_hidden_state_before_the_last_layers_and_diffusers_clip_skip_minus_one(
+        clip_skip, encoder, diffusers_text_pipeline):
+    encoder.clip_skip = clip_skip
+    prompts = ["a photograph of an astronaut riding a horse", "a cat"]
+    ours = encoder(prompts)
+    text_model = encoder.transformer.text_model
+    hidden = text_model(input_ids=encoder.tokenize(prompts), output_hidden_states=True).hidden_states
+    torch.testing.assert_close(ours, text_model.final_layer_norm(hidden[-clip_skip]))
+    theirs, _ = diffusers_text_pipeline.encode_prompt(prompts, "cpu", 1, False,
+                                                      clip_skip=None if clip_skip == 1 else clip_skip - 1)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def write_embedding(path, vectors, layout):
+    from safetensors.torch import save_file
+
+    if layout == "a1111":
+        torch.save({"string_to_token": {"*": torch.tensor(265)}, "string_to_param": {"*": vectors},
+                    "name": path.stem, "step": 3000, "sd_checkpoint_name": "sd-v1-5"}, path)
+    elif layout == "diffusers":
+        torch.save({f"<{path.stem}>": vectors}, path)
+    elif layout == "emb_params":
+        save_file({"emb_params": vectors}, path)
+    else:
+        save_file({"anything": vectors}, path)
+
+
+@pytest.mark.parametrize("layout, suffix", [("a1111", ".pt"), ("diffusers", ".bin"), ("emb_params", ".safetensors"),
+                                            ("one tensor", ".safetensors")])
+def test_every_embedding_format_loads(layout, suffix, encoder, tmp_path):
+    vectors = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    write_embedding(tmp_path / f"shapey{suffix}", vectors, layout)
+    assert encoder.load_embeddings(tmp_path) == ["shapey"]
+    assert torch.equal(encoder.embeddings["shapey"], vectors)
+
+
+@pytest.mark.parametrize("count", [1, 3])
+@torch.no_grad()
+def test_embeddings_give_diffusers_features_in_prompt_and_negative_prompt(count, encoder, diffusers_text_pipeline,
+                                                                        tmp_path):
+    vectors = torch.randn(count, 32, generator=torch.Generator().manual_seed(count))
+    path = tmp_path / "shapey.pt"
+    write_embedding(path, vectors, "a1111")
+    encoder.load_embeddings(path)
+    diffusers_text_pipeline.load_textual_inversion(str(path), token="shapey")
+    try:
+        prompts, negative = ["a photo of shapey on a table"], ["blurry, Shapey"]
+        ours, ours_negative = encoder(prompts), encoder(negative)
+        theirs, theirs_negative = diffusers_text_pipeline.encode_prompt(prompts, "cpu", 1, True,
+                                                                        negative_prompt=["blurry, shapey"])
+    finally:
+        diffusers_text_pipeline.unload_textual_inversion()
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours_negative, theirs_negative, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_emphasis_applies_to_embedding_vectors_too(encoder, tmp_path):
+    write_embedding(tmp_path / "shapey.safetensors", torch.randn(2, 32), "emb_params")
+    encoder.load_embeddings(tmp_path)
+    (chunk,) = encoder.chunks("a (shapey:1.4) cat")
+    positions = [index for index, vector in enumerate(chunk.vectors) if vector is not None]
+    assert positions == [2, 3] and [chunk.weights[i] for i in positions] == [1.4, 1.4]
+    torch.testing.assert_close(encoder(["a (shapey:1.4) cat"]), features_by_hand_with_vectors(encoder, chunk))
+
+
+def features_by_hand_with_vectors(encoder, chunk) -> torch.Tensor:
+    text_model = encoder.transformer.text_model
+    embedded = text_model.embeddings.token_embedding(torch.tensor([chunk.tokens])).clone()
+    for index, vector in enumerate(chunk.vectors):
+        if vector is not None:
+            embedded[0, index] = vector
+    hidden = text_model.embeddings(inputs_embeds=embedded)
+    mask = torch.full((77, 77), float("-inf")).triu(1)[None, None]
+    z = text_model.final_layer_norm(text_model.encoder(inputs_embeds=hidden, attention_mask=mask).last_hidden_state)
+    weights = torch.tensor(chunk.weights)[None, :, None]
+    return z * weights * (z.mean() / (z * weights).mean())
+
+
+def test_bad_embeddings_are_one_clear_error_naming_the_file(encoder, tmp_path):
+    (tmp_path / "broken.pt").write_bytes(b"not a pickle at all")
+    with pytest.raises(InputError, match="broken.pt"):
+        encoder.load_embeddings(tmp_path / "broken.pt")
+    write_embedding(tmp_path / "sd2.safetensors", torch.randn(1, 1024), "emb_params")
+    with pytest.raises(InputError, match="sd2.safetensors has vectors of width 1024, but this text encoder takes 32"):
+        encoder.load_embeddings(tmp_path / "sd2.safetensors")
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"string_to_param": {"*": Payload()}}, tmp_path / "evil.pt")
+    with pytest.raises(InputError, match="refusing to load .*evil.pt"):
+        encoder.load_embeddings(tmp_path / "evil.pt")
+
+
+@torch.no_grad()
+def test_emphasis_none_is_the_original_conditioning_and_long_prompts_have_no_limit(encoder):
+    encoder.emphasis = "none"
+    literal = encoder(["(a cat:1.3)"])
+    assert torch.equal(literal, encoder._encode(encoder.tokenize(["(a cat:1.3)"])))
+    encoder.emphasis = "original"
+    assert not torch.allclose(literal, encoder(["(a cat:1.3)"]))
+    assert encoder([" ".join(["cat"] * 10_000)]).shape == (1, 77 * 134, 32)  # 10 000 tokens: 134 chunks

@@ -64,3 +64,17 @@ def test_intermediates_keep_the_start_the_first_step_and_every_log_every_t_th():
     assert [x.item() for x in record["pred_x0"]] == [0.0, -9.0, -6.0, -3.0, -0.0]
     with pytest.raises(KeyError):
         record["samples"]
+
+
+def test_a_prompt_longer_than_its_negative_is_guided_with_two_calls():
+    calls = []
+
+    def model(x, t, c):
+        calls.append(tuple(c.shape))
+        return x * c.mean(dim=(1, 2)).view(-1, 1)
+
+    x, t = torch.ones(2, 3), torch.zeros(2)
+    cond, uncond = torch.full((2, 154, 4), 2.0), torch.full((2, 77, 4), 1.0)
+    guided = classifier_free_guidance(model, x, t, cond, uncond, scale=3.0)
+    assert calls == [(2, 77, 4), (2, 154, 4)]
+    torch.testing.assert_close(guided, x * (1.0 + 3.0 * (2.0 - 1.0)))

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import compvis_reference
-from conftest import ROOT, TINY_CONFIG, load_script
+from conftest import ROOT, TINY_CONFIG, assert_one_error_line, load_script
 from ldm.generation import Geometry
 from ldm.models.loading import load_config, load_model
 
@@ -59,8 +59,12 @@ def test_files_are_numbered_on_across_runs_with_metadata(tmp_path, tiny_checkpoi
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [f"{i:05d}.png" for i in range(4)]
     assert sorted(p.name for p in tmp_path.glob("grid-*.png")) == ["grid-0000.png", "grid-0001.png"]
     text = Image.open(tmp_path / "samples" / "00003.png").text
+    parameters = text.pop("parameters")
     assert text == {"prompt": "a red circle", "negative_prompt": "blurry", "seed": "42", "sampler": "dpm_solver",
-                    "steps": "3", "scale": "7.5", "size": "64x64", "checkpoint": tiny_checkpoint.name, "index": "1"}
+                    "steps": "3", "scale": "7.5", "eta": "0.0", "size": "64x64", "checkpoint": tiny_checkpoint.name,
+                    "clip_skip": "1", "index": "1"}
+    assert parameters == ("a red circle\nNegative prompt: blurry\nSteps: 3, Sampler: DPM++ 2M, Schedule type: Uniform, "
+                          f"CFG scale: 7.5, Seed: 42, Size: 64x64, Model: {tiny_checkpoint.stem}")
     assert Image.open(tmp_path / "grid-0000.png").size == (2 + 2 * 66, 2 + 66)
 
 
@@ -228,8 +232,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(change, message, tmp_pa
     if change:
         argv.append("--no_safety_checker")
     assert txt2img.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert_one_error_line(capsys, message)
     assert not (tmp_path / "out").exists() and not (tmp_path / "PWNED").exists()
 
 
@@ -265,3 +268,48 @@ def test_as_a_user_runs_it(tmp_path, tiny_checkpoint):
     good = subprocess.run(command + ["--no_safety_checker", "--dpm_solver"], capture_output=True, text=True)
     assert good.returncode == 0, good.stderr
     assert "ready and waiting" in good.stdout and len(list((tmp_path / "samples").iterdir())) == 2
+
+
+def test_the_parameters_text_draws_the_same_picture_again(tmp_path, tiny_checkpoint):
+    argv = tiny_run(tmp_path / "first", tiny_checkpoint, "--no_safety_checker", "--n_samples", "1", "--dpm_solver",
+                    "--prompt", "a (red:1.2) circle, [small]", "--negative_prompt", "blurry", "--seed", "5",
+                    "--scale", "6", "--clip_skip", "2", "--skip_grid")
+    assert txt2img.main(argv) == 0
+    first = tmp_path / "first" / "samples" / "00000.png"
+    again = ["--config", str(TINY_CONFIG), "--ckpt", str(tiny_checkpoint), "--from-png", str(first), "--n_iter", "1",
+             "--n_samples", "1", "--outdir", str(tmp_path / "again"), "--device", "cpu", "--no_safety_checker",
+             "--skip_grid"]
+    assert txt2img.main(again) == 0
+    second = tmp_path / "again" / "samples" / "00000.png"
+    assert np.array_equal(pixels(first), pixels(second))
+    assert Image.open(second).text["parameters"] == Image.open(first).text["parameters"]
+    assert "Clip skip: 2" in Image.open(first).text["parameters"]
+
+
+def test_emphasis_none_keeps_brackets_as_text_and_bracket_free_prompts_draw_the_same(tmp_path, tiny_checkpoint):
+    def draw(name, prompt, *extra):
+        assert txt2img.main(tiny_run(tmp_path / name, tiny_checkpoint, "--no_safety_checker", "--n_samples", "1",
+                                     "--prompt", prompt, "--skip_grid", *extra)) == 0
+        return pixels(tmp_path / name / "samples" / "00000.png")
+
+    assert np.array_equal(draw("plain", "a red circle"), draw("plain-none", "a red circle", "--emphasis", "none"))
+    assert not np.array_equal(draw("weighted", "a (red:1.5) circle"),
+                              draw("weighted-none", "a (red:1.5) circle", "--emphasis", "none"))
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--clip_skip", "0"], "--clip_skip must be between 1 and 2"),
+    (["--clip_skip", "3"], "--clip_skip must be between 1 and 2"),
+    (["--embeddings", "no-such-dir"], "--embeddings no-such-dir does not exist"),
+    (["--embeddings", "EMBEDDINGS"], "broken.pt"),
+    (["--from-png", "no-such.png"], "--from-png no-such.png does not exist"),
+    (["--from-png", "PLAIN.png"], "has no 'parameters' text"),
+])
+def test_bad_prompt_settings_are_one_line(change, message, tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    (tmp_path / "EMBEDDINGS").mkdir()
+    (tmp_path / "EMBEDDINGS" / "broken.pt").write_bytes(b"garbage")
+    Image.new("RGB", (8, 8)).save(tmp_path / "PLAIN.png")
+    monkeypatch.chdir(tmp_path)
+    assert txt2img.main(tiny_run(tmp_path / "out", tiny_checkpoint, "--no_safety_checker", *change)) == 2
+    assert_one_error_line(capsys, message)
+    assert not (tmp_path / "out").exists()

@@ -94,36 +94,44 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < path.stat().st_size
 
 
-def check_checkpoint_path(path: str | Path) -> Path:
+def check_checkpoint_path(path: str | Path, what: str = "checkpoint") -> Path:
     """The checkpoint's path, if it names a file (read by :func:`read_checkpoint`)."""
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"{path} is a directory; give the checkpoint file in it (.ckpt or .safetensors)")
+        raise CheckpointError(f"{path} is a directory; give the {what} file in it (.ckpt or .safetensors)")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"{what} not found: {path}")
     return path
 
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint's tensors without executing any code stored in it."""
-    path = check_checkpoint_path(path)
+def read_safely(path: str | Path, what: str = "checkpoint") -> Any:
+    """What a ``.ckpt``/``.pt``/``.bin`` or ``.safetensors`` file holds, read without executing any code stored in it:
+    tensors, and the plain containers and numbers around them (a pickle that would need to run code is refused)."""
+    path = check_checkpoint_path(path, what)
     try:
         if _is_safetensors(path):
-            return Checkpoint(safetensors.torch.load_file(path))
+            return safetensors.torch.load_file(path)
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
-            content = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as error:
         unsafe = re.search(r"GLOBAL (\S+)", str(error))
         if unsafe:
             raise CheckpointError(f"refusing to load {path}: it contains a pickled object ({unsafe.group(1)}) that "
                                   "could run code; convert it to .safetensors with a tool you trust") from None
-        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch or safetensors file, "
+        raise CheckpointError(f"cannot read {what} {path}: not a PyTorch or safetensors file, "
                               "or truncated") from None
     except _READ_ERRORS as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch or safetensors file, "
+        raise CheckpointError(f"cannot read {what} {path}: not a PyTorch or safetensors file, "
                               f"or truncated ({reason})") from None
-    return _checkpoint_from_content(content, path)
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint's tensors without executing any code stored in it."""
+    content = read_safely(path)
+    if _is_safetensors(Path(path)):
+        return Checkpoint(content)
+    return _checkpoint_from_content(content, Path(path))
 
 
 def _checkpoint_from_content(content: Any, path: Path) -> Checkpoint:

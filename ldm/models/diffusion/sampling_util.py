@@ -85,11 +85,16 @@ def classifier_free_guidance(model: Callable[[torch.Tensor, torch.Tensor, Any], 
                              t: torch.Tensor, cond: Any, uncond: Any, scale: float) -> torch.Tensor:
     """ε = ε(x, ∅) + s·(ε(x, c) − ε(x, ∅)) from one forward pass on the doubled batch [uncond, cond].
 
-    With ``uncond`` None or s = 1 this is a single conditional call (Ho & Salimans 2022).
+    With ``uncond`` None or s = 1 this is a single conditional call (Ho & Salimans 2022); conditionings of
+    different lengths take two calls.
     """
     if uncond is None or scale == 1.0:
         return model(x, t, cond)
-    out_uncond, out_cond = model(torch.cat([x, x]), torch.cat([t, t]), concat_conditioning(uncond, cond)).chunk(2)
+    if isinstance(cond, torch.Tensor) and isinstance(uncond, torch.Tensor) and cond.shape[1:] != uncond.shape[1:]:
+        # prompt and negative prompt of different lengths (chunks of 77): two calls, as AUTOMATIC1111 does by default
+        out_uncond, out_cond = model(x, t, uncond), model(x, t, cond)
+    else:
+        out_uncond, out_cond = model(torch.cat([x, x]), torch.cat([t, t]), concat_conditioning(uncond, cond)).chunk(2)
     return out_uncond + scale * (out_cond - out_uncond)
 
 

@@ -10,6 +10,7 @@ import gzip
 import html
 import importlib.util
 import logging
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -17,6 +18,10 @@ import ftfy
 import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ldm.models.loading import read_safely
+from ldm.modules.encoders.prompts import CHUNK_TOKENS, Chunk, Piece, chunk_prompt, parse_emphasis
+from ldm.util import InputError, ParameterError
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +78,20 @@ def clean_text(text: str) -> str:
     return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
 
 
-class FrozenCLIPEmbedder(nn.Module):
-    """Prompts → CLIP text features (B, 77, hidden), the ``last_hidden_state`` after the final LayerNorm.
+EMPHASIS_MODES = ("original", "none")
+COMMA = 267  # the token of ",</w>"
 
-    Tokens are [start, text…, end] padded to ``max_length`` with the end token (49407), as SD v1's tokenizer
-    pads, truncated to ``max_length`` keeping the end token. No attention mask, as the original.
+
+class FrozenCLIPEmbedder(nn.Module):
+    """Prompts → CLIP text features (B, 77·k, hidden): the hidden state ``clip_skip − 1`` layers before the last,
+    after the final LayerNorm (``clip_skip`` 1: the ``last_hidden_state``, as the original).
+
+    ``emphasis`` ``"original"`` (the default): prompts in AUTOMATIC1111's syntax (:mod:`.prompts`), of any length
+    in chunks of 77 encoded separately and concatenated, the words of loaded textual-inversion embeddings replaced by
+    their vectors, and each token's emphasis weight w applied after the encoder as AUTOMATIC1111's "Original"
+    emphasis: z ← z·w, then z ← z·mean(z before)/mean(z after), per prompt and chunk. A prompt of at most 75
+    tokens without brackets gives exactly the original's features. ``"none"``: the original's conditioning byte for
+    byte — brackets are text and a prompt is cut at 77 tokens (:meth:`tokenize`).
     ``text_config`` overrides fields of the ViT-L/14 text config (tests use a tiny tower).
     """
 
@@ -88,6 +102,9 @@ class FrozenCLIPEmbedder(nn.Module):
             raise ValueError(f"max_length {max_length} exceeds the text model's "
                              f"{config.max_position_embeddings} positions")
         self.max_length = max_length
+        self.clip_skip = 1
+        self.emphasis = "original"
+        self.embeddings: dict[str, torch.Tensor] = {}  # word (lower case) → vectors (n, hidden)
         self._reported: set[str] = set()  # prompts already checked for length
         # transformers 5 flattened CLIPTextModel; the extra level keeps the checkpoint's
         # "transformer.text_model.*" names, so original weights load with no renaming.
@@ -118,9 +135,110 @@ class FrozenCLIPEmbedder(nn.Module):
                          return_tensors="pt").input_ids
 
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
+        if self.emphasis not in EMPHASIS_MODES:
+            raise ParameterError("emphasis", f"must be one of {', '.join(EMPHASIS_MODES)}, got {self.emphasis!r}")
+        if self.emphasis == "none":
+            return self._encode(self.tokenize(texts))
+        chunked = [self.chunks(text) for text in texts]
+        count = max(map(len, chunked))
+        empty = self.chunks("")[0]  # fills prompts with fewer chunks: [start] + 76 × [end]
+        for chunks in chunked:
+            chunks += [empty] * (count - len(chunks))
+        return torch.cat([self._encode_chunks([chunks[k] for chunks in chunked]) for k in range(count)], dim=1)
+
+    def chunks(self, text: str) -> list[Chunk]:
+        """The prompt's chunks: 77 token ids each, their weights and embedding vectors."""
+        return chunk_prompt(parse_emphasis(text), self._pieces, START_OF_TEXT, END_OF_TEXT, COMMA)
+
+    def _pieces(self, text: str) -> list[Piece]:
+        """A fragment's token ids, with each embedding word as its vectors."""
+        parts = self._embedding_words.split(text) if self.embeddings else [text]
+        pieces: list[Piece] = []
+        for index, part in enumerate(parts):
+            if index % 2:
+                pieces.append(self.embeddings[part.lower()])
+            elif part.strip():
+                pieces += clip_tokenizer()(clean_text(part), add_special_tokens=False)["input_ids"]
+        return pieces
+
+    def _encode_chunks(self, chunks: list[Chunk]) -> torch.Tensor:
+        tokens = torch.tensor([chunk.tokens for chunk in chunks])
+        vectors = {(row, column): vector for row, chunk in enumerate(chunks)
+                   for column, vector in enumerate(chunk.vectors) if vector is not None}
+        z = self._encode(tokens, vectors)
+        weights = torch.tensor([chunk.weights for chunk in chunks], dtype=z.dtype, device=z.device)
+        if not (weights == 1).all():
+            before = z.mean(dim=(1, 2), keepdim=True)
+            z = z * weights[..., None]
+            z = z * (before / z.mean(dim=(1, 2), keepdim=True))
+        return z
+
+    def _encode(self, tokens: torch.Tensor, vectors: Mapping[tuple[int, int], torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """Token ids (B, 77) → features at ``clip_skip``, with ``vectors`` in place of the token embeddings at
+        those (row, column) positions."""
         text_model = self.transformer.text_model
-        tokens = self.tokenize(texts).to(text_model.device)
-        return text_model(input_ids=tokens).last_hidden_state
+        layers = text_model.config.num_hidden_layers
+        if not 1 <= self.clip_skip <= layers:
+            raise ParameterError("clip_skip", f"must be between 1 and {layers} for this text encoder, got "
+                                 f"{self.clip_skip}")
+
+        def insert_vectors(module: nn.Module, inputs: Any, embedded: torch.Tensor) -> torch.Tensor:
+            embedded = embedded.clone()
+            for (row, column), vector in vectors.items():
+                embedded[row, column] = vector.to(embedded.dtype)
+            return embedded
+
+        hook = text_model.embeddings.token_embedding.register_forward_hook(insert_vectors) if vectors else None
+        try:
+            out = text_model(input_ids=tokens.to(text_model.device), output_hidden_states=self.clip_skip > 1)
+        finally:
+            if hook is not None:
+                hook.remove()
+        if self.clip_skip == 1:
+            return out.last_hidden_state
+        return text_model.final_layer_norm(out.hidden_states[-self.clip_skip])
+
+    def load_embeddings(self, path: str | Path) -> list[str]:
+        """Textual-inversion embeddings from one file or every file of a directory, each usable as the word of
+        its file name; returns the words added. See :func:`read_embedding` for the formats."""
+        path = Path(path)
+        files = sorted(p for p in path.iterdir() if p.suffix in EMBEDDING_SUFFIXES) if path.is_dir() else [path]
+        width = self.transformer.text_model.config.hidden_size
+        words = []
+        for file in files:
+            vectors = read_embedding(file)
+            if vectors.shape[-1] != width:
+                raise InputError(f"embedding {file} has vectors of width {vectors.shape[-1]}, but this text encoder "
+                                 f"takes {width} (an embedding for another model?)")
+            self.embeddings[file.stem.lower()] = vectors.float()
+            words.append(file.stem)
+        names = sorted(self.embeddings, key=len, reverse=True)  # the longest first, so "bad" cannot win over "bad2"
+        self._embedding_words = re.compile(r"(?<![\w])(" + "|".join(map(re.escape, names)) + r")(?![\w])",
+                                           re.IGNORECASE)
+        return words
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         return self(texts)
+
+
+EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
+
+
+def read_embedding(path: Path) -> torch.Tensor:
+    """A textual-inversion embedding's vectors (n, width), read by the checkpoint loader's safe reader (no pickled
+    code runs): AUTOMATIC1111's ``.pt``/``.bin`` (``string_to_param``, one entry), ``.safetensors`` with
+    ``emb_params`` or a single tensor, and diffusers' ``{token: vector(s)}`` ``.bin``."""
+    content = read_safely(path, what="embedding")
+    if isinstance(content, Mapping) and isinstance(content.get("string_to_param"), Mapping):
+        content = content["string_to_param"]
+    if isinstance(content, Mapping) and "emb_params" in content:
+        content = {"emb_params": content["emb_params"]}
+    tensors = [value for value in content.values() if isinstance(value, torch.Tensor)] if isinstance(
+        content, Mapping) else []
+    if len(tensors) != 1:
+        raise InputError(f"embedding {path} holds {len(tensors)} tensors where a textual-inversion file holds one")
+    vectors = tensors[0].detach().reshape(-1, tensors[0].shape[-1]) if tensors[0].dim() else tensors[0]
+    if vectors.dim() != 2 or not 1 <= len(vectors) <= CHUNK_TOKENS or not vectors.is_floating_point():
+        raise InputError(f"embedding {path} is not 1 to {CHUNK_TOKENS} vectors (shape {tuple(tensors[0].shape)})")
+    return vectors
