@@ -55,20 +55,19 @@ def run_all(root: Path, out: Path, table: dict[str, list[str]]) -> None:
 
 
 def compare(before: Path, after: Path, names: list[str]) -> None:
-    print("| run | PNGs | identical | largest difference (of 255) |")
-    print("|---|---|---|---|")
+    print("| run | PNGs | identical | largest difference (of 255) | the files that differ |")
+    print("|---|---|---|---|---|")
     for name in names:
         files = sorted((before / name).rglob("*.png"))
-        differences = []
+        differences = {}
         for file in files:
             other = after / file.relative_to(before)
-            if not other.exists():
-                differences.append(255)
-                continue
-            a, b = (np.asarray(Image.open(path)).astype(int) for path in (file, other))
-            differences.append(int(np.abs(a - b).max()) if a.shape == b.shape else 255)
-        same = sum(d == 0 for d in differences)
-        print(f"| {name} | {len(files)} | {'all' if same == len(files) else same} | {max(differences, default=0)} |")
+            a, b = (np.asarray(Image.open(path)).astype(int) for path in (file, other)) if other.exists() else (0, 255)
+            differences[str(file.relative_to(before / name))] = (
+                int(np.abs(a - b).max()) if np.shape(a) == np.shape(b) else 255)
+        changed = [path for path, difference in differences.items() if difference]
+        print(f"| {name} | {len(files)} | {'all' if not changed else len(files) - len(changed)} | "
+              f"{max(differences.values(), default=0)} | {', '.join(changed) or '-'} |")
 
 
 def main() -> None:

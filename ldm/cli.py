@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ldm.generation import (DEVICES, PRECISIONS, Generated, Pipeline, activation_bytes, available_bytes, open_image,
                             resolve_device, resolve_precision)
 from ldm.models.acceleration import Acceleration
+from ldm.models.lora import find_lora, take_lora_tags
 from ldm.modules.encoders.modules import EMPHASIS_MODES
 from ldm.output import A1111_SAMPLERS, RunOutput, check_writable, parse_infotext
 from ldm.util import InputError, ParameterError, Problems, check_seed, seed_everything
@@ -31,6 +32,7 @@ DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
 DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 DEFAULT_EMBEDDINGS = "models/embeddings"
+DEFAULT_LORA_DIR = "models/lora"
 
 # The library's parameter names → the flags that set them (the same in every script).
 PARAMETER_FLAGS = {
@@ -177,6 +179,11 @@ def add_extra_arguments(parser: ScriptParser) -> None:
     prompt.add_argument("--clip_skip", type=int, default=1, metavar="N",
                         help="use the text encoder's layer N from the end (AUTOMATIC1111's 'Clip skip: N'; "
                              "diffusers' clip_skip=N-1); many anime fine-tunes want 2")
+    prompt.add_argument("--lora", type=str, action="append", default=[], metavar="FILE[:WEIGHT]",
+                        help="merge this LoRA/LyCORIS file into the model at WEIGHT (default 1); repeatable, they "
+                             "stack. <lora:NAME:WEIGHT> in a prompt does the same for --lora_dir/NAME.safetensors")
+    prompt.add_argument("--lora_dir", type=str, default=DEFAULT_LORA_DIR, metavar="DIR",
+                        help="where <lora:NAME:WEIGHT> tags in prompts find their files")
     prompt.add_argument("--embeddings", type=str, default=None, metavar="DIR",
                         help=f"textual-inversion embeddings (.pt, .bin, .safetensors), each used as the word of its "
                              f"file name (default: {DEFAULT_EMBEDDINGS}/ if it exists)")
@@ -236,14 +243,42 @@ def check_fits(args: argparse.Namespace, config: DictConfig, batch: int, height:
                          "(--vae_slicing helps with many images)")
 
 
+def lora_flags(values: list[str]) -> list[tuple[Path, float]]:
+    """--lora FILE[:WEIGHT] values as (file, weight); each file must exist."""
+    loras = []
+    for value in values:
+        path, _, weight = value.rpartition(":")
+        try:
+            entry = (Path(path), float(weight)) if path else (Path(value), 1.0)
+        except ValueError:
+            entry = (Path(value), 1.0)
+        if not entry[0].is_file():
+            raise InputError(f"--lora {entry[0]} does not exist")
+        loras.append(entry)
+    return loras
+
+
+def check_lora_tags(args: argparse.Namespace, prompts: list[str]) -> None:
+    """Every <lora:NAME> tag in ``prompts`` has its file in --lora_dir (checked before the model loads)."""
+    for prompt in prompts:
+        for name, _ in take_lora_tags(prompt)[1]:
+            find_lora(name, args.lora_dir)
+
+
+def lora_metadata(args: argparse.Namespace) -> dict[str, str]:
+    """The --lora files and weights for the images' metadata (tags in prompts stay in the prompt text)."""
+    return {"loras": ", ".join(f"{path.stem}:{weight:g}" for path, weight in args.loras)} if args.loras else {}
+
+
 def configure_prompts(args: argparse.Namespace, pipeline: Pipeline) -> None:
-    """The prompt flags on the pipeline's text encoder: emphasis, CLIP skip, embeddings."""
+    """The prompt flags on the pipeline and its text encoder: emphasis, CLIP skip, embeddings, LoRAs."""
     encoder = pipeline.model.cond_stage_model
     layers = encoder.transformer.text_model.config.num_hidden_layers
     if not 1 <= args.clip_skip <= layers:
         raise InputError(f"--clip_skip must be between 1 and {layers} for this text encoder, got {args.clip_skip}")
     encoder.clip_skip, encoder.emphasis = args.clip_skip, args.emphasis
     pipeline.pad_cond_uncond = args.pad_cond_uncond
+    pipeline.loras, pipeline.lora_dir = args.loras, Path(args.lora_dir)
     directory = Path(args.embeddings or DEFAULT_EMBEDDINGS)
     if args.embeddings and not directory.exists():
         raise InputError(f"--embeddings {directory} does not exist")
@@ -302,6 +337,7 @@ def check_values(args: argparse.Namespace) -> None:
     if not 0 <= args.scale <= MAX_SCALE:
         raise InputError(f"--scale must be between 0 and {MAX_SCALE:g}, got {args.scale}")
     args.seed = secrets.randbelow(2 ** 32) if args.seed == -1 else check_seed(args.seed)
+    args.loras = lora_flags(args.lora)
 
 
 def check_common(args: argparse.Namespace) -> None:
@@ -328,6 +364,7 @@ def prompt_batches(args: argparse.Namespace) -> list[list[str]]:
     """``n_samples`` copies of --prompt, or the lines of --from-file in batches of ``n_samples`` (the last may be
     shorter; blank lines are skipped)."""
     if not args.from_file:
+        check_lora_tags(args, [args.prompt])
         return [args.n_samples * [args.prompt]]
     path = Path(args.from_file)
     try:
@@ -338,4 +375,5 @@ def prompt_batches(args: argparse.Namespace) -> list[list[str]]:
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise InputError(f"--from-file {path} contains no prompts")
+    check_lora_tags(args, prompts)
     return [prompts[i:i + args.n_samples] for i in range(0, len(prompts), args.n_samples)]

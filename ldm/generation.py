@@ -28,6 +28,7 @@ from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.diffusion.samplers import SAMPLERS, Sampler, make_sampler
 from ldm.models.diffusion.sampling_util import StepCallback
 from ldm.models.loading import ConfigError, check_checkpoint_path, load_config, load_model
+from ldm.models.lora import Merged, apply_loras, find_lora, take_lora_tags
 from ldm.safety import CHECKER_REPO, SafetyChecker, cached_checker_dir
 from ldm.util import InputError, ParameterError, Problems
 
@@ -303,6 +304,10 @@ class Pipeline:
         # Prompt and negative prompt of different lengths: pad the shorter with empty chunks and guide in one
         # batched call (faster, slightly different) instead of two calls (AUTOMATIC1111's default, exact).
         self.pad_cond_uncond = False
+        # LoRAs: ``loras`` (file, weight) for every call, and <lora:NAME:WEIGHT> tags in prompts found in ``lora_dir``
+        self.loras: list[tuple[Path, float]] = []
+        self.lora_dir = Path("models/lora")
+        self._merged: Merged | None = None
 
     @classmethod
     def from_config(cls, config: str | Path | DictConfig, ckpt: str | Path, *, device: str | torch.device = "auto",
@@ -338,7 +343,7 @@ class Pipeline:
 
         ``x_T``: the start code (batch 1, or at least one per prompt: the first ones are used), drawn when None.
         """
-        prompts = _prompt_list(prompts)
+        prompts = self._activate_loras(_prompt_list(prompts))
         shape = self.geometry.latent_shape(height or self.geometry.native_size, width or self.geometry.native_size)
         with self._scope():
             c, uc = self._conditioning(prompts, negative_prompt, scale)
@@ -363,7 +368,7 @@ class Pipeline:
         sample across calls, as the original script does; batch 1, or at least one per prompt. ``noise``: the
         noise added to the latents (same batch rule), drawn when None.
         """
-        prompts = _prompt_list(prompts)
+        prompts = self._activate_loras(_prompt_list(prompts))
         init = images if isinstance(images, ImageLatents) else self.encode(images, generator)
         with self._scope():
             c, uc = self._conditioning(prompts, negative_prompt, scale)
@@ -387,6 +392,7 @@ class Pipeline:
             raise ParameterError("n_samples", f"must be a positive integer, got {n_samples}")
         sampler = self.sampler if isinstance(self.sampler, DPMSolverSampler) else DPMSolverSampler(self.model)
         pixels = self._image_tensor(image)
+        source_prompt, target_prompt = self._activate_loras([source_prompt, target_prompt])
         with self._scope():
             src_cond, uncond = self._conditioning([source_prompt], negative_prompt, scale)
             dst_cond = self.model.get_learned_conditioning([target_prompt])
@@ -405,6 +411,30 @@ class Pipeline:
         """A start code for ``batch_size`` images (the original's ``--fixed_code``), on the model's device."""
         shape = self.geometry.latent_shape(height or self.geometry.native_size, width or self.geometry.native_size)
         return torch.randn((batch_size, *shape), generator=generator, device=self.device)
+
+    @property
+    def active_loras(self) -> list[str]:
+        """The LoRAs merged now, as ``name:weight``."""
+        return list(self._merged.names) if self._merged else []
+
+    def _activate_loras(self, prompts: list[str]) -> list[str]:
+        """The prompts without their ``<lora:…>`` tags; the LoRAs they and :attr:`loras` ask for merged into the
+        weights (kept merged while the next call asks for the same ones, restored exactly otherwise)."""
+        wanted = [(Path(path), weight) for path, weight in self.loras]
+        texts = []
+        for prompt in prompts:
+            text, tags = take_lora_tags(prompt)
+            texts.append(text)
+            wanted += [entry for entry in ((find_lora(name, self.lora_dir), weight) for name, weight in tags)
+                       if entry not in wanted]
+        active = self._merged.sources if self._merged else []
+        if wanted != active:
+            if self._merged:
+                self._merged.restore()
+                self._merged = None
+            if wanted:
+                self._merged = apply_loras(self.model, wanted)
+        return texts
 
     @contextlib.contextmanager
     def _scope(self) -> Iterator[None]:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from ldm.cli import (ScriptParser, add_checkpoint_arguments, add_extra_arguments, check_fits, check_values, clean_exit,
-                     finite_float, pipeline_from_args)
+from ldm.cli import (ScriptParser, add_checkpoint_arguments, add_extra_arguments, check_fits, check_lora_tags,
+                     check_values, clean_exit, finite_float, pipeline_from_args)
 from ldm.editing.diffedit import ENCODE_TYPES, mask_image
 from ldm.generation import Geometry, load_image, open_image
 from ldm.models.loading import load_config
@@ -57,6 +57,7 @@ def load_mask(path: str, image_size: tuple[int, int]) -> Image.Image:
 
 def check_args(args: argparse.Namespace) -> None:
     check_values(args)
+    check_lora_tags(args, [args.prompt, args.edit])
     if not args.init_img:
         raise InputError("--init-img is required: the photo to edit")
     if not 0.0 < args.encode_ratio <= 1.0:

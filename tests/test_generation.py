@@ -3,6 +3,7 @@ model where numbers matter."""
 
 import copy
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,3 +221,22 @@ def test_a_long_prompt_is_guided_separately_or_padded_with_empty_chunks(tiny_pip
         tiny_pipeline.pad_cond_uncond = False
     assert contexts[0] == (2, 154, 32)
     assert separate.shape == padded.shape and not torch.equal(separate, padded)
+
+
+def test_prompt_loras_are_merged_for_their_calls_and_taken_out_after(tiny_pipeline, tmp_path):
+    from test_lora import ATTN_Q, FF, kohya_file
+
+    kohya_file(tmp_path / "ink.safetensors", tiny_pipeline.model, "loha", layers=[ATTN_Q, FF])
+    tiny_pipeline.lora_dir = tmp_path
+    before = {name: value.clone() for name, value in tiny_pipeline.model.state_dict().items()}
+    try:
+        tiny_pipeline.txt2img("a circle <lora:ink:0.8>", steps=2)
+        assert tiny_pipeline.active_loras == ["ink:0.8"]
+        assert not torch.equal(tiny_pipeline.model.state_dict()[ATTN_Q[1]], before[ATTN_Q[1]])
+        tiny_pipeline.txt2img("a circle", steps=2)
+        assert tiny_pipeline.active_loras == []
+        assert all(torch.equal(value, before[name]) for name, value in tiny_pipeline.model.state_dict().items())
+        with pytest.raises(InputError, match="<lora:nope>: no nope.safetensors"):
+            tiny_pipeline.txt2img("a circle <lora:nope>", steps=2)
+    finally:
+        tiny_pipeline.lora_dir = Path("models/lora")

@@ -8,7 +8,7 @@ import torch
 from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
 
 from ldm.modules.encoders.modules import END_OF_TEXT, START_OF_TEXT, FrozenCLIPEmbedder, clip_tokenizer
-from ldm.testing.diffusers_interop import transformers_text_encoder
+from ldm.testing.diffusers_interop import diffusers_pipeline, transformers_text_encoder
 from ldm.util import InputError, count_params
 
 PROMPTS = [
@@ -103,23 +103,7 @@ def test_a_prompt_cut_to_77_tokens_is_reported_once_with_what_was_dropped(caplog
 
 @pytest.fixture(scope="module")
 def diffusers_text_pipeline(tiny_model, tiny_original_config):
-    """diffusers' StableDiffusionPipeline on the tiny weights, with a tokenizer of its own (textual inversion adds
-    tokens to the tokenizer it is given)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    from ldm.testing.diffusers_interop import diffusers_unet, diffusers_vae
-
-    state_dict = tiny_model.state_dict()
-    tokenizer = clip_tokenizer.__wrapped__()
-    tokenizer.model_max_length = 77
-    text_encoder = transformers_text_encoder(state_dict, tiny_model.cond_stage_model.transformer.text_model.config)
-    # diffusers 0.42's clip_skip path reads transformers 4's text_encoder.text_model.final_layer_norm; transformers
-    # 5 flattened that level away. An unregistered alias gives diffusers the layout it expects.
-    object.__setattr__(text_encoder, "text_model", text_encoder)
-    return StableDiffusionPipeline(
-        vae=diffusers_vae(state_dict, tiny_original_config), unet=diffusers_unet(state_dict, tiny_original_config),
-        text_encoder=text_encoder, tokenizer=tokenizer, scheduler=DDIMScheduler(), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+    return diffusers_pipeline(tiny_model, tiny_original_config)
 
 
 @pytest.fixture

@@ -304,6 +304,8 @@ def test_emphasis_none_keeps_brackets_as_text_and_bracket_free_prompts_draw_the_
     (["--embeddings", "EMBEDDINGS"], "broken.pt"),
     (["--from-png", "no-such.png"], "--from-png no-such.png does not exist"),
     (["--from-png", "PLAIN.png"], "has no 'parameters' text"),
+    (["--lora", "missing.safetensors:0.5"], "--lora missing.safetensors does not exist"),
+    (["--prompt", "a cat <lora:nothing:0.5>"], "<lora:nothing>: no nothing.safetensors"),
 ])
 def test_bad_prompt_settings_are_one_line(change, message, tmp_path, tiny_checkpoint, capsys, monkeypatch):
     (tmp_path / "EMBEDDINGS").mkdir()
@@ -313,3 +315,29 @@ def test_bad_prompt_settings_are_one_line(change, message, tmp_path, tiny_checkp
     assert txt2img.main(tiny_run(tmp_path / "out", tiny_checkpoint, "--no_safety_checker", *change)) == 2
     assert_one_error_line(capsys, message)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_by_flag_or_by_prompt_tag_draws_the_same_and_the_tag_never_reaches_clip(tmp_path, tiny_checkpoint,
+                                                                                      monkeypatch):
+    from ldm.models.loading import load_model
+    from test_lora import ATTN_Q, TEXT_Q, kohya_file
+
+    (tmp_path / "loras").mkdir()
+    kohya_file(tmp_path / "loras" / "ink.safetensors", load_model(TINY_CONFIG, tiny_checkpoint), "lora",
+               layers=[ATTN_Q, TEXT_Q])
+    seen = []
+    from ldm.modules.encoders import modules
+    parse = modules.parse_emphasis
+    monkeypatch.setattr(modules, "parse_emphasis", lambda text: seen.append(text) or parse(text))
+
+    def draw(name, *extra):
+        assert txt2img.main(tiny_run(tmp_path / name, tiny_checkpoint, "--no_safety_checker", "--n_samples", "1",
+                                     "--skip_grid", "--lora_dir", str(tmp_path / "loras"), *extra)) == 0
+        return pixels(tmp_path / name / "samples" / "00000.png")
+
+    by_flag = draw("flag", "--prompt", "a red circle", "--lora", f"{tmp_path / 'loras' / 'ink.safetensors'}:0.6")
+    by_tag = draw("tag", "--prompt", "a red circle<lora:ink:0.6>")
+    plain = draw("plain", "--prompt", "a red circle")
+    assert np.array_equal(by_flag, by_tag) and not np.array_equal(by_flag, plain)
+    assert seen and not any("lora" in text for text in seen)
+    assert Image.open(tmp_path / "flag" / "samples" / "00000.png").text["loras"] == "ink:0.6"

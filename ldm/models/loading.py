@@ -193,7 +193,9 @@ def build_model(config: str | Path | Mapping, meta: bool = False) -> nn.Module:
     """
     config = load_config(config)
     with _parameters_on_meta() if meta else contextlib.nullcontext():
-        return instantiate_from_config(config.model)
+        model = instantiate_from_config(config.model)
+    model.source_config = OmegaConf.to_container(config)  # what it was built from (LoRA names need it)
+    return model
 
 
 @contextlib.contextmanager

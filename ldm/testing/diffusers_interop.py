@@ -44,3 +44,23 @@ def transformers_text_encoder(state_dict: Mapping[str, torch.Tensor], config: CL
     embeddings.position_ids = torch.arange(config.max_position_embeddings,
                                            device=embeddings.token_embedding.weight.device)[None]
     return module
+
+
+def diffusers_pipeline(model, original_config: Mapping):
+    """diffusers' StableDiffusionPipeline on ``model``'s weights, with a tokenizer of its own (textual inversion and
+    LoRA loading change the tokenizer and text encoder they are given)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from ldm.modules.encoders.modules import clip_tokenizer
+
+    state_dict = model.state_dict()
+    tokenizer = clip_tokenizer.__wrapped__()
+    tokenizer.model_max_length = 77
+    text_encoder = transformers_text_encoder(state_dict, model.cond_stage_model.transformer.text_model.config)
+    # diffusers 0.42's clip_skip path reads transformers 4's text_encoder.text_model.final_layer_norm; transformers
+    # 5 flattened that level away. An unregistered alias gives diffusers the layout it expects.
+    object.__setattr__(text_encoder, "text_model", text_encoder)
+    return StableDiffusionPipeline(
+        vae=diffusers_vae(state_dict, original_config), unet=diffusers_unet(state_dict, original_config),
+        text_encoder=text_encoder, tokenizer=tokenizer, scheduler=DDIMScheduler(), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
