@@ -15,6 +15,7 @@ from ldm.generation import (Geometry, ImageLatents, Pipeline, activation_bytes, 
                             precision_scope, resolve_device, resolve_precision, to_rgb)
 from ldm.models.loading import load_config
 from ldm.util import InputError, ParameterError
+from test_lora import ATTN_Q, FF, kohya_file
 
 DEMO_CONFIG = ROOT / "configs/demo/shapes-inference.yaml"
 DEMO_CHECKPOINT = ROOT / "models/demo/shapes.safetensors"
@@ -224,8 +225,6 @@ def test_a_long_prompt_is_guided_separately_or_padded_with_empty_chunks(tiny_pip
 
 
 def test_prompt_loras_are_merged_for_their_calls_and_taken_out_after(tiny_pipeline, tmp_path):
-    from test_lora import ATTN_Q, FF, kohya_file
-
     kohya_file(tmp_path / "ink.safetensors", tiny_pipeline.model, "loha", layers=[ATTN_Q, FF])
     tiny_pipeline.lora_dir = tmp_path
     before = {name: value.clone() for name, value in tiny_pipeline.model.state_dict().items()}

@@ -11,6 +11,8 @@ import compvis_reference
 from conftest import ROOT, TINY_CONFIG, assert_one_error_line, load_script
 from ldm.generation import Geometry
 from ldm.models.loading import load_config, load_model
+from ldm.modules.encoders import modules
+from test_lora import ATTN_Q, TEXT_Q, kohya_file
 
 txt2img = load_script("txt2img")
 
@@ -326,7 +328,6 @@ def test_a_lora_by_flag_or_by_prompt_tag_draws_the_same_and_the_tag_never_reache
     kohya_file(tmp_path / "loras" / "ink.safetensors", load_model(TINY_CONFIG, tiny_checkpoint), "lora",
                layers=[ATTN_Q, TEXT_Q])
     seen = []
-    from ldm.modules.encoders import modules
     parse = modules.parse_emphasis
     monkeypatch.setattr(modules, "parse_emphasis", lambda text: seen.append(text) or parse(text))
 
