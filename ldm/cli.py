@@ -158,6 +158,9 @@ def add_checkpoint_arguments(parser: ScriptParser) -> None:
     model = parser.group("model")
     model.add_argument("--config", type=str, default=DEFAULT_CONFIG, help="path to config which constructs model")
     model.add_argument("--ckpt", type=str, default=DEFAULT_CKPT, help="path to checkpoint of model")
+    model.add_argument("--vae", type=str, default=None, metavar="FILE",
+                       help="a separate VAE (.ckpt or .safetensors, e.g. vae-ft-mse-840000-ema-pruned) instead of the "
+                            "checkpoint's autoencoder")
     parser.group("sampling").add_argument("--seed", type=int, default=42,
                                           help="the seed (for reproducible sampling); -1 picks a random one and "
                                                "reports it")
@@ -222,7 +225,7 @@ def pipeline_from_args(args: argparse.Namespace, config: DictConfig, sampler: st
     checker = False if args.no_safety_checker else args.safety_checker or True
     pipeline = Pipeline.from_config(config, args.ckpt, device=args.device, precision=args.precision,
                                     sampler=sampler, safety_checker=checker,
-                                    acceleration=acceleration_from_args(args))
+                                    acceleration=acceleration_from_args(args), vae=args.vae)
     configure_prompts(args, pipeline)
     logger.info("%s (%s): %s sampler, %d steps, %s, seed %d, %s, precision %s", Path(args.ckpt).name,
                 Path(args.config).name, pipeline.sampler.name, args.ddim_steps, size, args.seed, pipeline.device.type,
@@ -265,9 +268,11 @@ def check_lora_tags(args: argparse.Namespace, prompts: list[str]) -> None:
             find_lora(name, args.lora_dir)
 
 
-def lora_metadata(args: argparse.Namespace) -> dict[str, str]:
-    """The --lora files and weights for the images' metadata (tags in prompts stay in the prompt text)."""
-    return {"loras": ", ".join(f"{path.stem}:{weight:g}" for path, weight in args.loras)} if args.loras else {}
+def file_metadata(args: argparse.Namespace) -> dict[str, str]:
+    """The --lora files and weights and the --vae file for the images' metadata (tags in prompts stay in the
+    prompt text)."""
+    metadata = {"loras": ", ".join(f"{path.stem}:{weight:g}" for path, weight in args.loras)} if args.loras else {}
+    return metadata | ({"vae": Path(args.vae).name} if args.vae else {})
 
 
 def configure_prompts(args: argparse.Namespace, pipeline: Pipeline) -> None:

@@ -27,7 +27,7 @@ from ldm.models.acceleration import Acceleration, accelerate
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.diffusion.samplers import SAMPLERS, Sampler, make_sampler
 from ldm.models.diffusion.sampling_util import StepCallback
-from ldm.models.loading import ConfigError, check_checkpoint_path, load_config, load_model
+from ldm.models.loading import ConfigError, check_checkpoint_path, load_config, load_model, load_vae
 from ldm.models.lora import Merged, apply_loras, find_lora, take_lora_tags
 from ldm.safety import CHECKER_REPO, SafetyChecker, cached_checker_dir
 from ldm.util import InputError, ParameterError, Problems
@@ -312,10 +312,11 @@ class Pipeline:
     @classmethod
     def from_config(cls, config: str | Path | DictConfig, ckpt: str | Path, *, device: str | torch.device = "auto",
                     precision: str = "auto", sampler: str = "ddim", safety_checker: bool | str | Path = True,
-                    acceleration: Acceleration = Acceleration()) -> "Pipeline":
+                    acceleration: Acceleration = Acceleration(), vae: str | Path | None = None) -> "Pipeline":
         """Load ``ckpt`` into the model ``config`` describes, straight into the precision's weight dtype.
 
         ``safety_checker``: a directory with its weights, True for the Hugging Face cache's copy, False for none.
+        ``vae``: a separate VAE file whose weights replace the checkpoint's autoencoder (:func:`load_vae`).
         Everything that needs no weights (config, device, precision, sampler, acceleration, the checker's
         files) is checked before the checkpoint is read. Where the config keeps EMA weights, they are used.
         """
@@ -327,8 +328,11 @@ class Pipeline:
             raise ParameterError("sampler", f"must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         acceleration = acceleration.for_device(device)
         checker = _all_at_once(lambda: check_checkpoint_path(ckpt),
-                               lambda: load_safety_checker(config, safety_checker, device))[1]
+                               lambda: vae is None or check_checkpoint_path(vae, "VAE"),
+                               lambda: load_safety_checker(config, safety_checker, device))[2]
         model = load_model(config, ckpt, device=device, dtype=WEIGHT_DTYPES[precision])
+        if vae is not None:
+            load_vae(model, vae)
         if model.use_ema:
             model.model_ema.copy_to(model.model)
         accelerate(model, acceleration)

@@ -51,6 +51,8 @@ def infotext(prompt: str, metadata: Mapping[str, Any]) -> str:
         fields["Denoising strength"] = metadata["strength"]
     if int(metadata.get("clip_skip", 1)) != 1:
         fields["Clip skip"] = metadata["clip_skip"]
+    if metadata.get("vae"):
+        fields["VAE"] = metadata["vae"]
     lines = [prompt, f"Negative prompt: {metadata['negative_prompt']}"] if metadata.get("negative_prompt") else [prompt]
     return "\n".join(lines + [", ".join(f"{key}: {value}" for key, value in fields.items())])
 

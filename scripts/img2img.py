@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ldm.cli import (ScriptParser, add_extra_arguments, add_model_arguments, add_prompt_and_output_arguments,
-                     add_size_arguments, check_common, check_fits, clean_exit, finite_float, lora_metadata,
+                     add_size_arguments, check_common, check_fits, clean_exit, file_metadata, finite_float,
                      pipeline_from_args, prompt_batches, run_batches, sampler_name)
 from ldm.generation import Geometry, load_image
 from ldm.models.loading import load_config
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                     steps=args.ddim_steps, scale=args.scale, eta=args.ddim_eta, strength=args.strength,
                     size=f"{width}x{height}", checkpoint=Path(args.ckpt).name, init_image=Path(args.init_img).name,
                     clip_skip=args.clip_skip)
-    output = RunOutput(args.outdir, metadata | lora_metadata(args), args.skip_save, args.skip_grid)
+    output = RunOutput(args.outdir, metadata | file_metadata(args), args.skip_save, args.skip_grid)
     run_batches(args, batches, output, lambda prompts: pipeline.img2img(
         init, args.strength, prompts, steps=args.ddim_steps, scale=args.scale, negative_prompt=args.negative_prompt,
         eta=args.ddim_eta, noise=noise, verbose=True))

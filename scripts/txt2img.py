@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ldm.cli import (ScriptParser, add_extra_arguments, add_model_arguments, add_prompt_and_output_arguments,
-                     add_size_arguments, apply_infotext, check_common, check_fits, clean_exit, lora_metadata,
+                     add_size_arguments, apply_infotext, check_common, check_fits, clean_exit, file_metadata,
                      pipeline_from_args, prompt_batches, run_batches, sampler_name)
 from ldm.generation import Geometry
 from ldm.models.loading import load_config
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     metadata = dict(negative_prompt=args.negative_prompt, seed=args.seed, sampler=pipeline.sampler_name,
                     steps=args.ddim_steps, scale=args.scale, eta=args.ddim_eta, size=f"{args.W}x{args.H}",
                     checkpoint=Path(args.ckpt).name, clip_skip=args.clip_skip)
-    output = RunOutput(args.outdir, metadata | lora_metadata(args), args.skip_save, args.skip_grid)
+    output = RunOutput(args.outdir, metadata | file_metadata(args), args.skip_save, args.skip_grid)
     run_batches(args, batches, output, lambda prompts: pipeline.txt2img(
         prompts, steps=args.ddim_steps, scale=args.scale, negative_prompt=args.negative_prompt, eta=args.ddim_eta,
         height=args.H, width=args.W, x_T=x_T, verbose=True))

@@ -6,12 +6,15 @@ import os
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from pytorch_lightning.callbacks import ModelCheckpoint
 from safetensors.torch import save_file
 
 from conftest import TINY_CONFIG, V1_CONFIG
-from ldm.models.loading import CheckpointError, ConfigError, build_model, load_config, load_model, read_checkpoint
-from ldm.util import InputError
+from ldm.generation import decode_images
+from ldm.models.loading import (CheckpointError, ConfigError, build_model, load_config, load_model, load_vae,
+                                read_checkpoint)
+from ldm.util import InputError, randomize_parameters_
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +229,34 @@ def test_a_config_is_resolved_once_and_names_what_it_lacks(tmp_path):
     path.write_text(TINY_CONFIG.read_text().replace("target: torch.nn.Identity", "target: ldm.models.NoSuchThing"))
     with pytest.raises(InputError, match="does not exist"):
         build_model(path)
+
+
+@pytest.mark.parametrize("layout", ["bare", "first_stage_model"])
+@torch.no_grad()
+def test_a_separate_vae_replaces_the_autoencoder_and_decodes_as_diffusers(layout, tiny_ckpt, tmp_path):
+    other = randomize_parameters_(build_model(TINY_CONFIG), seed=11).first_stage_model.state_dict()
+    prefix = "" if layout == "bare" else "first_stage_model."
+    save_file({prefix + key: value.contiguous() for key, value in other.items()} | {"loss.logvar": torch.zeros(())},
+              tmp_path / "vae.safetensors")
+    model = load_model(TINY_CONFIG, tiny_ckpt)
+    unet_before = model.model.state_dict()["diffusion_model.out.2.weight"].clone()
+    load_vae(model, tmp_path / "vae.safetensors")
+    assert all(torch.equal(value, other[key]) for key, value in model.first_stage_model.state_dict().items())
+    assert torch.equal(model.model.state_dict()["diffusion_model.out.2.weight"], unet_before)
+    theirs = AutoencoderKL.from_single_file(str(tmp_path / "vae.safetensors"), original_config=str(TINY_CONFIG),
+                                            local_files_only=True).eval()
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours = decode_images(model, latents)
+    reference = ((theirs.decode(latents / model.scale_factor).sample + 1) / 2).clamp(0, 1)
+    assert (ours - reference).abs().max() <= 1e-5
+
+
+def test_a_vae_of_another_shape_or_no_vae_is_refused(tiny_ckpt, tmp_path):
+    model = load_model(TINY_CONFIG, tiny_ckpt)
+    demo = build_model(TINY_CONFIG.parents[1] / "demo/shapes-inference.yaml").first_stage_model.state_dict()
+    save_file({key: value.contiguous() for key, value in demo.items()}, tmp_path / "demo-vae.safetensors")
+    with pytest.raises(CheckpointError, match="lacks|another shape"):
+        load_vae(model, tmp_path / "demo-vae.safetensors")
+    save_file({"model.diffusion_model.out.2.weight": torch.zeros(4)}, tmp_path / "unet-only.safetensors")
+    with pytest.raises(CheckpointError, match="holds no VAE weights"):
+        load_vae(model, tmp_path / "unet-only.safetensors")

@@ -6,12 +6,14 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.torch import save_file
 
 import compvis_reference
 from conftest import ROOT, TINY_CONFIG, assert_one_error_line, load_script
 from ldm.generation import Geometry
-from ldm.models.loading import load_config, load_model
+from ldm.models.loading import build_model, load_config, load_model
 from ldm.modules.encoders import modules
+from ldm.util import randomize_parameters_
 from test_lora import ATTN_Q, TEXT_Q, kohya_file
 
 txt2img = load_script("txt2img")
@@ -307,6 +309,7 @@ def test_emphasis_none_keeps_brackets_as_text_and_bracket_free_prompts_draw_the_
     (["--from-png", "no-such.png"], "--from-png no-such.png does not exist"),
     (["--from-png", "PLAIN.png"], "has no 'parameters' text"),
     (["--lora", "missing.safetensors:0.5"], "--lora missing.safetensors does not exist"),
+    (["--vae", "missing-vae.safetensors"], "VAE not found: missing-vae.safetensors"),
     (["--prompt", "a cat <lora:nothing:0.5>"], "<lora:nothing>: no nothing.safetensors"),
 ])
 def test_bad_prompt_settings_are_one_line(change, message, tmp_path, tiny_checkpoint, capsys, monkeypatch):
@@ -342,3 +345,14 @@ def test_a_lora_by_flag_or_by_prompt_tag_draws_the_same_and_the_tag_never_reache
     assert np.array_equal(by_flag, by_tag) and not np.array_equal(by_flag, plain)
     assert seen and not any("lora" in text for text in seen)
     assert Image.open(tmp_path / "flag" / "samples" / "00000.png").text["loras"] == "ink:0.6"
+
+
+def test_a_separate_vae_is_used_and_recorded(tmp_path, tiny_checkpoint):
+    vae = randomize_parameters_(build_model(TINY_CONFIG), seed=11).first_stage_model.state_dict()
+    save_file({key: value.contiguous() for key, value in vae.items()}, tmp_path / "my-vae.safetensors")
+    for name, extra in (("plain", []), ("vae", ["--vae", str(tmp_path / "my-vae.safetensors")])):
+        assert txt2img.main(tiny_run(tmp_path / name, tiny_checkpoint, "--no_safety_checker", "--n_samples", "1",
+                                     "--skip_grid", *extra)) == 0
+    with_vae = Image.open(tmp_path / "vae" / "samples" / "00000.png")
+    assert not np.array_equal(np.asarray(with_vae), pixels(tmp_path / "plain" / "samples" / "00000.png"))
+    assert with_vae.text["vae"] == "my-vae.safetensors" and "VAE: my-vae.safetensors" in with_vae.text["parameters"]

@@ -317,3 +317,33 @@ def load_model(config: str | Path | Mapping, ckpt: str | Path, device: torch.dev
     logger.log(logging.DEBUG if clean else logging.INFO, "%s: %s", Path(ckpt).name, report.summary())
     _place(model, device, dtype)
     return model.eval()
+
+
+VAE_PREFIX = "first_stage_model."
+
+
+@torch.no_grad()
+def load_vae(model: nn.Module, path: str | Path) -> None:
+    """Replace ``model``'s autoencoder weights with a separate VAE file's (``vae-ft-mse-840000-ema-pruned`` and the
+    like): keys as in a full checkpoint (``first_stage_model.*``) or bare (``encoder.*``, ``decoder.*``,
+    ``quant_conv.*``, ``post_quant_conv.*``); a training file's ``loss.*`` keys are ignored. Every weight of the
+    autoencoder must be there with its shape."""
+    tensors = read_checkpoint(path).state_dict
+    if any(key.startswith(VAE_PREFIX) for key in tensors):
+        tensors = {key.removeprefix(VAE_PREFIX): value for key, value in tensors.items() if key.startswith(VAE_PREFIX)}
+    vae = model.first_stage_model
+    expected = {key: value for key, value in vae.state_dict().items()}
+    missing = [key for key in expected if key not in tensors]
+    if len(missing) == len(expected):
+        raise CheckpointError(f"{Path(path).name} holds no VAE weights (first of its keys: {next(iter(tensors))})")
+    if missing:
+        raise CheckpointError(f"{Path(path).name} lacks {len(missing)} of the VAE's weights (first: {missing[0]})")
+    wrong = [key for key, value in expected.items() if tensors[key].shape != value.shape]
+    if wrong:
+        raise CheckpointError(f"{Path(path).name} is a VAE of another shape: {wrong[0]} is "
+                              f"{tuple(tensors[wrong[0]].shape)}, this model's is {tuple(expected[wrong[0]].shape)}")
+    for key, value in expected.items():
+        value.copy_(tensors[key].to(value.dtype))
+    extra = [key for key in tensors if key not in expected and not key.startswith("loss.")]
+    logger.log(logging.INFO if extra else logging.DEBUG, "VAE %s: %d weights loaded, %d unexpected keys ignored",
+               Path(path).name, len(expected), len(extra))
