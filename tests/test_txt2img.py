@@ -356,3 +356,12 @@ def test_a_separate_vae_is_used_and_recorded(tmp_path, tiny_checkpoint):
     with_vae = Image.open(tmp_path / "vae" / "samples" / "00000.png")
     assert not np.array_equal(np.asarray(with_vae), pixels(tmp_path / "plain" / "samples" / "00000.png"))
     assert with_vae.text["vae"] == "my-vae.safetensors" and "VAE: my-vae.safetensors" in with_vae.text["parameters"]
+
+
+def test_a_first_run_reports_every_missing_piece_at_once(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    argv = tiny_run(tmp_path / "out", tmp_path / "missing.ckpt")
+    assert txt2img.main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: checkpoint not found: ") and "; --safety_checker has no weights" in line
+    assert line.endswith("with --no_safety_checker")
