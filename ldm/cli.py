@@ -8,6 +8,7 @@ one line on stderr, naming the flag, and exit code 2, before anything is written
 
 import argparse
 import functools
+import hashlib
 import logging
 import math
 import secrets
@@ -158,6 +159,8 @@ def add_checkpoint_arguments(parser: ScriptParser) -> None:
     model = parser.group("model")
     model.add_argument("--config", type=str, default=DEFAULT_CONFIG, help="path to config which constructs model")
     model.add_argument("--ckpt", type=str, default=DEFAULT_CKPT, help="path to checkpoint of model")
+    model.add_argument("--ema", action="store_true",
+                       help="a full checkpoint (with model_ema.*): sample with its EMA weights")
     model.add_argument("--vae", type=str, default=None, metavar="FILE",
                        help="a separate VAE (.ckpt or .safetensors, e.g. vae-ft-mse-840000-ema-pruned) instead of the "
                             "checkpoint's autoencoder")
@@ -225,7 +228,8 @@ def pipeline_from_args(args: argparse.Namespace, config: DictConfig, sampler: st
     checker = False if args.no_safety_checker else args.safety_checker or True
     pipeline = Pipeline.from_config(config, args.ckpt, device=args.device, precision=args.precision,
                                     sampler=sampler, safety_checker=checker,
-                                    acceleration=acceleration_from_args(args), vae=args.vae)
+                                    acceleration=acceleration_from_args(args), vae=args.vae,
+                                    ema=args.ema)
     configure_prompts(args, pipeline)
     logger.info("%s (%s): %s sampler, %d steps, %s, seed %d, %s, precision %s", Path(args.ckpt).name,
                 Path(args.config).name, pipeline.sampler.name, args.ddim_steps, size, args.seed, pipeline.device.type,
@@ -271,8 +275,20 @@ def check_lora_tags(args: argparse.Namespace, prompts: list[str]) -> None:
 def file_metadata(args: argparse.Namespace) -> dict[str, str]:
     """The --lora files and weights and the --vae file for the images' metadata (tags in prompts stay in the
     prompt text)."""
-    metadata = {"loras": ", ".join(f"{path.stem}:{weight:g}" for path, weight in args.loras)} if args.loras else {}
+    metadata = {}
+    if args.loras:
+        metadata["loras"] = ", ".join(f"{path.stem}:{weight:g}" for path, weight in args.loras)
+        metadata["lora_hashes"] = ", ".join(f"{path.stem}: {file_hash(path)}" for path, _ in args.loras)
     return metadata | ({"vae": Path(args.vae).name} if args.vae else {})
+
+
+def file_hash(path: Path) -> str:
+    """The first 12 hex digits of a file's SHA-256, as AUTOMATIC1111 names LoRAs in its infotext."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def configure_prompts(args: argparse.Namespace, pipeline: Pipeline) -> None:

@@ -312,11 +312,13 @@ class Pipeline:
     @classmethod
     def from_config(cls, config: str | Path | DictConfig, ckpt: str | Path, *, device: str | torch.device = "auto",
                     precision: str = "auto", sampler: str = "ddim", safety_checker: bool | str | Path = True,
-                    acceleration: Acceleration = Acceleration(), vae: str | Path | None = None) -> "Pipeline":
+                    acceleration: Acceleration = Acceleration(), vae: str | Path | None = None,
+                    ema: bool = False) -> "Pipeline":
         """Load ``ckpt`` into the model ``config`` describes, straight into the precision's weight dtype.
 
         ``safety_checker``: a directory with its weights, True for the Hugging Face cache's copy, False for none.
         ``vae``: a separate VAE file whose weights replace the checkpoint's autoencoder (:func:`load_vae`).
+        ``ema``: a full checkpoint's EMA weights for the UNet.
         Everything that needs no weights (config, device, precision, sampler, acceleration, the checker's
         files) is checked before the checkpoint is read. Where the config keeps EMA weights, they are used.
         """
@@ -330,7 +332,7 @@ class Pipeline:
         checker = _all_at_once(lambda: check_checkpoint_path(ckpt),
                                lambda: vae is None or check_checkpoint_path(vae, "VAE"),
                                lambda: load_safety_checker(config, safety_checker, device))[2]
-        model = load_model(config, ckpt, device=device, dtype=WEIGHT_DTYPES[precision])
+        model = load_model(config, ckpt, device=device, dtype=WEIGHT_DTYPES[precision], ema=ema)
         if vae is not None:
             load_vae(model, vae)
         if model.use_ema:

@@ -53,6 +53,8 @@ def infotext(prompt: str, metadata: Mapping[str, Any]) -> str:
         fields["Clip skip"] = metadata["clip_skip"]
     if metadata.get("vae"):
         fields["VAE"] = metadata["vae"]
+    if metadata.get("lora_hashes"):
+        fields["Lora hashes"] = f'"{metadata["lora_hashes"]}"'
     lines = [prompt, f"Negative prompt: {metadata['negative_prompt']}"] if metadata.get("negative_prompt") else [prompt]
     return "\n".join(lines + [", ".join(f"{key}: {value}" for key, value in fields.items())])
 

@@ -14,6 +14,7 @@ from conftest import TINY_CONFIG, V1_CONFIG
 from ldm.generation import decode_images
 from ldm.models.loading import (CheckpointError, ConfigError, build_model, load_config, load_model, load_vae,
                                 read_checkpoint)
+from ldm.testing.diffusers_interop import diffusers_pipeline
 from ldm.util import InputError, randomize_parameters_
 
 
@@ -260,3 +261,50 @@ def test_a_vae_of_another_shape_or_no_vae_is_refused(tiny_ckpt, tmp_path):
     save_file({"model.diffusion_model.out.2.weight": torch.zeros(4)}, tmp_path / "unet-only.safetensors")
     with pytest.raises(CheckpointError, match="holds no VAE weights"):
         load_vae(model, tmp_path / "unet-only.safetensors")
+
+
+def test_a_diffusers_folder_and_a_hub_snapshot_load_every_tensor_equal(tiny_model, tiny_original_config, tmp_path):
+    folder = tmp_path / "tiny-diffusers"
+    diffusers_pipeline(tiny_model, tiny_original_config).save_pretrained(folder)
+    assert (folder / "model_index.json").is_file()
+    loaded = load_model(TINY_CONFIG, folder)
+    ours = tiny_model.state_dict()
+    assert all(torch.equal(value, ours[key]) for key, value in loaded.state_dict().items()
+               if not key.endswith("position_ids"))
+    repository = tmp_path / "hub" / "models--someone--tiny"  # a Hugging Face cache copy of the same folder
+    (repository / "snapshots").mkdir(parents=True)
+    folder.rename(repository / "snapshots" / "0123abc")
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text("0123abc")
+    again = load_model(TINY_CONFIG, repository)
+    assert torch.equal(again.state_dict()[ATTENTION_KEY], ours[ATTENTION_KEY])
+
+
+ATTENTION_KEY = "first_stage_model.decoder.mid.attn_1.q.weight"  # a 1×1 convolution here, a linear layer there
+
+
+def test_a_folder_that_is_not_a_diffusers_model_is_refused(tmp_path):
+    (tmp_path / "random").mkdir()
+    with pytest.raises(CheckpointError, match="is a directory; give the checkpoint file in it .* or a diffusers"):
+        load_model(TINY_CONFIG, tmp_path / "random")
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "model_index.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="has no unet weights"):
+        load_model(TINY_CONFIG, tmp_path / "partial")
+
+
+def test_a_full_checkpoint_gives_its_ema_weights_when_asked(tiny_state_dict, tmp_path):
+    model = build_model(TINY_CONFIG, meta=True)
+    shadows = {"model_ema." + name.replace(".", ""): torch.full(value.shape, 0.5)
+               for name, value in model.model.named_parameters()}
+    save_file({**tiny_state_dict, **shadows}, tmp_path / "full.safetensors")
+    plain = load_model(TINY_CONFIG, tmp_path / "full.safetensors")
+    averaged = load_model(TINY_CONFIG, tmp_path / "full.safetensors", ema=True)
+    key = "model.diffusion_model.out.2.weight"
+    assert torch.equal(plain.state_dict()[key], tiny_state_dict[key])
+    assert (averaged.state_dict()[key] == 0.5).all()
+    assert torch.equal(averaged.state_dict()["first_stage_model.decoder.conv_out.weight"],
+                       tiny_state_dict["first_stage_model.decoder.conv_out.weight"])
+    save_file(tiny_state_dict, tmp_path / "pruned.safetensors")
+    with pytest.raises(CheckpointError, match="has no EMA weights"):
+        load_model(TINY_CONFIG, tmp_path / "pruned.safetensors", ema=True)

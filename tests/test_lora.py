@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from ldm.models.lora import apply_loras, take_lora_tags
+from ldm.modules.winograd import set_winograd
 from ldm.testing.diffusers_interop import diffusers_pipeline
 from ldm.util import InputError
 
@@ -129,3 +130,32 @@ def test_bad_lora_files_are_one_clear_error_and_leave_the_model_as_it_was(model,
         with pytest.raises(InputError, match=message):
             apply_loras(model, [(tmp_path / "good.safetensors", 1.0), (tmp_path / name, 1.0)])
         assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+
+
+@torch.no_grad()
+def test_a_merge_rebuilds_the_winograd_kernels_it_changes(model, tmp_path, monkeypatch):
+    monkeypatch.setattr("ldm.modules.winograd.MIN_CHANNELS", 1)  # let the tiny UNet's 3×3 convolutions use it
+    set_winograd(model, True)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, context = torch.tensor([500.0]), torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    before = model.apply_model(x, t, context)  # builds and caches every transformed kernel
+    kohya_file(tmp_path / "conv.safetensors", model, "lora", layers=[CONV])
+    apply_loras(model, [(tmp_path / "conv.safetensors", 1.0)])
+    after = model.apply_model(x, t, context)
+    set_winograd(model, False)
+    direct = model.apply_model(x, t, context)  # the merged weights through the ordinary convolution
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, direct, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_half_precision_weights_merge_in_float32_and_restore_bit_for_bit(model, tmp_path):
+    model.half()
+    deltas = kohya_file(tmp_path / "a.safetensors", model, "loha", layers=[ATTN_Q, TEXT_FC1])
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    merged = apply_loras(model, [(tmp_path / "a.safetensors", 0.7)])
+    for name in deltas:
+        expected = (before[name].float() + 0.7 * deltas[name]).half()
+        assert torch.equal(model.state_dict()[name], expected)
+    merged.restore()
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())

@@ -1,5 +1,6 @@
 """scripts/txt2img.py on the tiny config: the original's flags and files, seeds, safety checker, bad input."""
 
+import hashlib
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from conftest import ROOT, TINY_CONFIG, assert_one_error_line, load_script
 from ldm.generation import Geometry
 from ldm.models.loading import build_model, load_config, load_model
 from ldm.modules.encoders import modules
+from ldm.output import parse_infotext
 from ldm.util import randomize_parameters_
 from test_lora import ATTN_Q, TEXT_Q, kohya_file
 
@@ -344,7 +346,10 @@ def test_a_lora_by_flag_or_by_prompt_tag_draws_the_same_and_the_tag_never_reache
     plain = draw("plain", "--prompt", "a red circle")
     assert np.array_equal(by_flag, by_tag) and not np.array_equal(by_flag, plain)
     assert seen and not any("lora" in text for text in seen)
-    assert Image.open(tmp_path / "flag" / "samples" / "00000.png").text["loras"] == "ink:0.6"
+    text = Image.open(tmp_path / "flag" / "samples" / "00000.png").text
+    digest = hashlib.sha256((tmp_path / "loras" / "ink.safetensors").read_bytes()).hexdigest()[:12]
+    assert text["loras"] == "ink:0.6" and f'Lora hashes: "ink: {digest}"' in text["parameters"]
+    assert parse_infotext(text["parameters"])["Lora hashes"] == f"ink: {digest}"
 
 
 def test_a_separate_vae_is_used_and_recorded(tmp_path, tiny_checkpoint):

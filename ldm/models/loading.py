@@ -27,6 +27,10 @@ from ldm.util import ALLOWED_TARGET_PREFIXES, InputError, instantiate_from_confi
 
 logger = logging.getLogger(__name__)
 
+# Where each part's weights live in our state dicts.
+UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+
 
 
 class CheckpointError(InputError):
@@ -95,10 +99,14 @@ def _is_safetensors(path: Path) -> bool:
 
 
 def check_checkpoint_path(path: str | Path, what: str = "checkpoint") -> Path:
-    """The checkpoint's path, if it names a file (read by :func:`read_checkpoint`)."""
+    """The checkpoint's path, if it names a file (read by :func:`read_checkpoint`) or, for a checkpoint, a
+    diffusers model folder (:func:`read_diffusers_folder`)."""
     path = Path(path)
+    if path.is_dir() and what == "checkpoint" and is_diffusers_folder(path):
+        return path
     if path.is_dir():
-        raise CheckpointError(f"{path} is a directory; give the {what} file in it (.ckpt or .safetensors)")
+        folder = " or a diffusers model folder (with model_index.json)" if what == "checkpoint" else ""
+        raise CheckpointError(f"{path} is a directory; give the {what} file in it (.ckpt or .safetensors){folder}")
     if not path.is_file():
         raise CheckpointError(f"{what} not found: {path}")
     return path
@@ -215,6 +223,24 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register_parameter
 
 
+def with_ema_weights(state_dict: Mapping[str, torch.Tensor], model: nn.Module, path: str | Path
+                     ) -> dict[str, torch.Tensor]:
+    """``state_dict`` with its EMA shadows (``model_ema.<UNet weight name without dots>``, LitEma's naming) in place
+    of the UNet weights they shadow."""
+    result = dict(state_dict)
+    replaced = 0
+    for name, _ in model.model.named_parameters():
+        shadow = "model_ema." + name.replace(".", "")
+        if shadow in state_dict:
+            result["model." + name] = state_dict[shadow]
+            replaced += 1
+    if not replaced:
+        raise CheckpointError(f"{Path(path).name} has no EMA weights (model_ema.*): it is an EMA-only or pruned "
+                              "checkpoint; load it without the EMA option")
+    logger.info("%s: the UNet's %d weights taken from its EMA", Path(path).name, replaced)
+    return result
+
+
 def _is_skipped(key: str, model: nn.Module) -> bool:
     """Checkpoint entries the model does not use, on purpose.
 
@@ -292,17 +318,20 @@ def missing_parts(missing: list[str]) -> str:
 
 
 def load_model(config: str | Path | Mapping, ckpt: str | Path, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32, allow_partial: bool = False) -> nn.Module:
+               dtype: torch.dtype = torch.float32, allow_partial: bool = False, ema: bool = False) -> nn.Module:
     """Build the model of ``config``, load ``ckpt`` into it, and return it in eval mode on ``device``.
 
     A checkpoint that lacks weights the model needs is refused, naming the parts (UNet, VAE, text encoder) it
     lacks: it would draw noise. ``allow_partial=True`` keeps their random initial values instead, with a warning.
+    ``ema=True``: a full checkpoint's EMA weights (``model_ema.*``) in place of its UNet weights.
     """
     config = load_config(config)
-    checkpoint = read_checkpoint(ckpt)
+    model = build_model(config, meta=True)
+    checkpoint = Checkpoint(read_diffusers_folder(ckpt, model)) if is_diffusers_folder(ckpt) else read_checkpoint(ckpt)
+    if ema:
+        checkpoint = Checkpoint(with_ema_weights(checkpoint.state_dict, model, ckpt), checkpoint.global_step)
     if checkpoint.global_step is not None:
         logger.debug("Global Step: %d", checkpoint.global_step)
-    model = build_model(config, meta=True)
     report = load_state_dict(model, checkpoint.state_dict, assign=True)
     _restart_ema(model, report)
     if _has_meta_tensors(model):
@@ -317,9 +346,6 @@ def load_model(config: str | Path | Mapping, ckpt: str | Path, device: torch.dev
     logger.log(logging.DEBUG if clean else logging.INFO, "%s: %s", Path(ckpt).name, report.summary())
     _place(model, device, dtype)
     return model.eval()
-
-
-VAE_PREFIX = "first_stage_model."
 
 
 @torch.no_grad()
@@ -347,3 +373,77 @@ def load_vae(model: nn.Module, path: str | Path) -> None:
     extra = [key for key in tensors if key not in expected and not key.startswith("loss.")]
     logger.log(logging.INFO if extra else logging.DEBUG, "VAE %s: %d weights loaded, %d unexpected keys ignored",
                Path(path).name, len(expected), len(extra))
+
+
+# diffusers model folders: each part's weights file.
+DIFFUSERS_PARTS = {
+    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+             "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
+    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+            "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
+    "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"),
+}
+
+
+def snapshot_folder(path: str | Path) -> Path:
+    """A Hugging Face cache repository folder (``models--org--name``) as the snapshot its ``refs/main`` names (or
+    its only snapshot); any other folder as it is."""
+    path = Path(path)
+    snapshots = path / "snapshots"
+    if not snapshots.is_dir():
+        return path
+    main = path / "refs" / "main"
+    if main.is_file() and (snapshots / main.read_text().strip()).is_dir():
+        return snapshots / main.read_text().strip()
+    candidates = sorted(p for p in snapshots.iterdir() if p.is_dir())
+    return candidates[0] if len(candidates) == 1 else path
+
+
+def is_diffusers_folder(path: str | Path) -> bool:
+    return Path(path).is_dir() and (snapshot_folder(path) / "model_index.json").is_file()
+
+
+def diffusers_key_map(model: nn.Module) -> dict[tuple[str, str], str]:
+    """(diffusers part, key there) → our key, for every weight of ``model``.
+
+    The UNet's and the VAE's come from diffusers' own converters (``convert_ldm_*_checkpoint``), run on
+    placeholders that share no memory (one-number tensors expanded to each weight's shape), so each converted key is
+    traced back to its source by storage; the text encoder's keys are transformers' own. (diffusers is imported
+    here, not at the top: it takes a second, and most runs read no folder.)
+    """
+    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
+                                                     create_unet_diffusers_config_from_ldm,
+                                                     create_vae_diffusers_config_from_ldm)
+
+    placeholders = {key: torch.zeros(()).expand(value.shape) for key, value in model.state_dict().items()}
+    ours_by_storage = {value.data_ptr(): key for key, value in placeholders.items()}
+    mapping = {}
+    for part, prefix, configure, convert in (
+            ("unet", UNET_PREFIX, create_unet_diffusers_config_from_ldm, convert_ldm_unet_checkpoint),
+            ("vae", VAE_PREFIX, create_vae_diffusers_config_from_ldm, convert_ldm_vae_checkpoint)):
+        subset = {key: value for key, value in placeholders.items() if key.startswith(prefix)}
+        for key, value in convert(dict(subset), configure(model.source_config, subset)).items():
+            if value.data_ptr() in ours_by_storage:
+                mapping[part, key] = ours_by_storage[value.data_ptr()]
+    for key in placeholders:
+        if key.startswith(TEXT_PREFIX):
+            mapping["text_encoder", key.removeprefix(TEXT_PREFIX)] = key
+    return mapping
+
+
+def read_diffusers_folder(path: str | Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The UNet, VAE and text encoder weights of a diffusers model folder (or Hugging Face cache snapshot) under
+    our keys, reshaped where diffusers' layout differs (the VAE's attention as linear layers)."""
+    folder = snapshot_folder(path)
+    mapping = diffusers_key_map(model)
+    shapes = {key: value.shape for key, value in model.state_dict().items()}
+    state = {}
+    for part, names in DIFFUSERS_PARTS.items():
+        file = next((folder / part / name for name in names if (folder / part / name).is_file()), None)
+        if file is None:
+            raise CheckpointError(f"diffusers folder {folder} has no {part} weights ({part}/{names[0]} or .bin)")
+        for key, value in read_safely(file, what=f"{part} weights").items():
+            ours = mapping.get((part, key.removeprefix("text_model.") if part == "text_encoder" else key))
+            if ours is not None:
+                state[ours] = value.reshape(shapes[ours]) if value.numel() == shapes[ours].numel() else value
+    return state

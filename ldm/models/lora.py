@@ -23,16 +23,14 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 from torch import nn
 
-from ldm.models.loading import read_safely
+from ldm.models.loading import diffusers_key_map, read_safely
 from ldm.util import InputError
 
 logger = logging.getLogger(__name__)
 
-UNET_PREFIX = "model.diffusion_model."
-TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_text_model_"}
 PEFT_PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]+))?>")
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
@@ -101,20 +99,12 @@ class Merged:
 
 
 def layer_names(model: nn.Module) -> dict[str, str]:
-    """kohya's flat module names → our weight names, for the UNet (through diffusers' converter, which also
-    names the diffusers layout) and the text encoder."""
-    state = {key: value for key, value in model.state_dict().items() if key.startswith(UNET_PREFIX)}
-    config = create_unet_diffusers_config_from_ldm(model.source_config, state)
-    by_storage = {value.data_ptr(): key for key, value in state.items()}
+    """kohya's flat module names → our weight names: the UNet's diffusers names (from :func:`diffusers_key_map`,
+    diffusers' own converter) and the text encoder's transformers names."""
     names = {}
-    for diffusers_key, value in convert_ldm_unet_checkpoint(dict(state), config).items():
-        ours = by_storage.get(value.data_ptr())
-        if ours is not None and diffusers_key.endswith(".weight"):
-            names["lora_unet_" + diffusers_key.removesuffix(".weight").replace(".", "_")] = ours
-    for key in model.state_dict():
-        if key.startswith(TEXT_PREFIX) and key.endswith(".weight"):
-            module = key.removeprefix(TEXT_PREFIX).removesuffix(".weight")
-            names["lora_te_text_model_" + module.replace(".", "_")] = key
+    for (part, key), ours in diffusers_key_map(model).items():
+        if key.endswith(".weight") and part in KOHYA_PREFIXES:
+            names[KOHYA_PREFIXES[part] + key.removesuffix(".weight").replace(".", "_")] = ours
     return names
 
 

@@ -1,2 +1,3 @@
 """What tests and benchmarks measure us against: an exactly solvable diffusion problem (:mod:`.analytic`) and the
-peer implementations with our weights (:mod:`.diffusers_interop`). Sampling never imports this package."""
+peer implementations with our weights (:mod:`.diffusers_interop`, which ``scripts/convert.py`` also uses to write
+diffusers folders). Sampling never imports this package."""

@@ -1,0 +1,37 @@
+"""scripts/convert.py: our model as a diffusers folder and as an original-layout .safetensors, and back."""
+
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from conftest import TINY_CONFIG, assert_one_error_line, load_script
+from ldm.models.loading import load_model
+
+convert = load_script("convert")
+
+
+def test_a_diffusers_folder_diffusers_loads_and_we_load_back_equal(tmp_path, tiny_checkpoint, tiny_model):
+    out = tmp_path / "tiny-diffusers"
+    assert convert.main(["--config", str(TINY_CONFIG), "--ckpt", str(tiny_checkpoint), "--diffusers", str(out)]) == 0
+    pipeline = StableDiffusionPipeline.from_pretrained(out, local_files_only=True, safety_checker=None)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = pipeline.unet(latents, torch.tensor([500.0]), encoder_hidden_states=context).sample
+        ours = tiny_model.apply_model(latents, torch.tensor([500.0]), context)
+    assert (ours - theirs).abs().max() <= 1e-5
+    back = load_model(TINY_CONFIG, out).state_dict()
+    assert all(torch.equal(value, back[key]) for key, value in tiny_model.state_dict().items()
+               if not key.endswith("position_ids"))
+
+
+def test_an_original_file_in_half_precision_and_no_overwriting(tmp_path, tiny_checkpoint, tiny_model, capsys):
+    out = tmp_path / "tiny-fp16.safetensors"
+    argv = ["--config", str(TINY_CONFIG), "--ckpt", str(tiny_checkpoint), "--original", str(out), "--half"]
+    assert convert.main(argv) == 0
+    tensors = load_file(out)
+    assert tensors["model.diffusion_model.out.2.weight"].dtype == torch.float16
+    assert torch.equal(tensors["model.diffusion_model.out.2.weight"],
+                       tiny_model.state_dict()["model.diffusion_model.out.2.weight"].half())
+    assert convert.main(argv) == 2
+    assert_one_error_line(capsys, "exists; refusing to overwrite it")
