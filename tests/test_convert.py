@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY_CONFIG, assert_one_error_line, load_script
 from ldm.models.loading import load_model
+from ldm.testing.diffusers_interop import diffusers_pipeline
 
 convert = load_script("convert")
 
@@ -14,6 +15,11 @@ def test_a_diffusers_folder_diffusers_loads_and_we_load_back_equal(tmp_path, tin
     out = tmp_path / "tiny-diffusers"
     assert convert.main(["--config", str(TINY_CONFIG), "--ckpt", str(tiny_checkpoint), "--diffusers", str(out)]) == 0
     pipeline = StableDiffusionPipeline.from_pretrained(out, local_files_only=True, safety_checker=None)
+    reference = diffusers_pipeline(tiny_model, tiny_model.source_config)  # what diffusers' converters make of ours
+    for part in ("unet", "vae", "text_encoder"):  # strict: every weight diffusers loaded is the converted one
+        loaded, converted = getattr(pipeline, part).state_dict(), getattr(reference, part).state_dict()
+        assert loaded.keys() == converted.keys()
+        assert all(torch.equal(loaded[key], converted[key]) for key in loaded)
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     context = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

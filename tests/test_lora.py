@@ -159,3 +159,39 @@ def test_half_precision_weights_merge_in_float32_and_restore_bit_for_bit(model, 
         assert torch.equal(model.state_dict()[name], expected)
     merged.restore()
     assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+
+
+@torch.no_grad()
+def test_two_stacked_loras_equal_diffusers_with_both_adapters(model, tiny_original_config, tmp_path):
+    kohya_file(tmp_path / "a.safetensors", model, "lora", layers=[ATTN_Q, CONV])
+    kohya_file(tmp_path / "b.safetensors", model, "lora", layers=[ATTN_Q, FF], rank=2, alpha=1.0)
+    pipeline = diffusers_pipeline(model, tiny_original_config)
+    pipeline.load_lora_weights(str(tmp_path / "a.safetensors"), adapter_name="a")
+    pipeline.load_lora_weights(str(tmp_path / "b.safetensors"), adapter_name="b")
+    pipeline.set_adapters(["a", "b"], adapter_weights=[0.6, 1.0])
+    apply_loras(model, [(tmp_path / "a.safetensors", 0.6), (tmp_path / "b.safetensors", 1.0)])
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    ours = model.apply_model(x, torch.tensor([300.0]), context)
+    theirs = pipeline.unet(x, torch.tensor([300.0]), encoder_hidden_states=context).sample
+    assert (ours - theirs).norm() / theirs.norm() < 1e-5
+
+
+def test_diffusers_peft_keys_merge_like_kohya_keys(model, tmp_path):
+    weight = dict(model.named_parameters())[ATTN_Q[1]]
+    down, up = random(4, weight.shape[1], seed=1), random(weight.shape[0], 4, seed=2)
+    peft_name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file({f"{peft_name}.lora_A.weight": down, f"{peft_name}.lora_B.weight": up}, tmp_path / "peft.safetensors")
+    start = weight.detach().clone()
+    apply_loras(model, [(tmp_path / "peft.safetensors", 0.5)])
+    torch.testing.assert_close(dict(model.named_parameters())[ATTN_Q[1]], start + 0.5 * up @ down)  # alpha = rank
+
+
+def test_a_lora_pickle_that_would_run_code_is_refused(model, tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({f"{ATTN_Q[0]}.lora_down.weight": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(InputError, match="refusing to load .*evil.pt"):
+        apply_loras(model, [(tmp_path / "evil.pt", 1.0)])

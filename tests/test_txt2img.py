@@ -312,6 +312,8 @@ def test_emphasis_none_keeps_brackets_as_text_and_bracket_free_prompts_draw_the_
     (["--from-png", "PLAIN.png"], "has no 'parameters' text"),
     (["--lora", "missing.safetensors:0.5"], "--lora missing.safetensors does not exist"),
     (["--vae", "missing-vae.safetensors"], "VAE not found: missing-vae.safetensors"),
+    (["--vae", "NOT_A_CHECKPOINT"], "cannot read VAE NOT_A_CHECKPOINT"),
+    (["--lora", "NOT_A_CHECKPOINT"], "cannot read LoRA NOT_A_CHECKPOINT"),
     (["--prompt", "a cat <lora:nothing:0.5>"], "<lora:nothing>: no nothing.safetensors"),
 ])
 def test_bad_prompt_settings_are_one_line(change, message, tmp_path, tiny_checkpoint, capsys, monkeypatch):

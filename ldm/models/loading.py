@@ -134,9 +134,9 @@ def read_safely(path: str | Path, what: str = "checkpoint") -> Any:
                               f"or truncated ({reason})") from None
 
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
+def read_checkpoint(path: str | Path, what: str = "checkpoint") -> Checkpoint:
     """Read a checkpoint's tensors without executing any code stored in it."""
-    content = read_safely(path)
+    content = read_safely(path, what)
     if _is_safetensors(Path(path)):
         return Checkpoint(content)
     return _checkpoint_from_content(content, Path(path))
@@ -354,7 +354,7 @@ def load_vae(model: nn.Module, path: str | Path) -> None:
     like): keys as in a full checkpoint (``first_stage_model.*``) or bare (``encoder.*``, ``decoder.*``,
     ``quant_conv.*``, ``post_quant_conv.*``); a training file's ``loss.*`` keys are ignored. Every weight of the
     autoencoder must be there with its shape."""
-    tensors = read_checkpoint(path).state_dict
+    tensors = read_checkpoint(path, "VAE").state_dict
     if any(key.startswith(VAE_PREFIX) for key in tensors):
         tensors = {key.removeprefix(VAE_PREFIX): value for key, value in tensors.items() if key.startswith(VAE_PREFIX)}
     vae = model.first_stage_model
