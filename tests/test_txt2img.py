@@ -319,6 +319,7 @@ def test_emphasis_none_keeps_brackets_as_text_and_bracket_free_prompts_draw_the_
 def test_bad_prompt_settings_are_one_line(change, message, tmp_path, tiny_checkpoint, capsys, monkeypatch):
     (tmp_path / "EMBEDDINGS").mkdir()
     (tmp_path / "EMBEDDINGS" / "broken.pt").write_bytes(b"garbage")
+    (tmp_path / "NOT_A_CHECKPOINT").write_bytes(np.random.default_rng(0).bytes(1000))
     Image.new("RGB", (8, 8)).save(tmp_path / "PLAIN.png")
     monkeypatch.chdir(tmp_path)
     assert txt2img.main(tiny_run(tmp_path / "out", tiny_checkpoint, "--no_safety_checker", *change)) == 2
