@@ -299,7 +299,8 @@ def configure_prompts(args: argparse.Namespace, pipeline: Pipeline) -> None:
         raise InputError(f"--clip_skip must be between 1 and {layers} for this text encoder, got {args.clip_skip}")
     encoder.clip_skip, encoder.emphasis = args.clip_skip, args.emphasis
     pipeline.pad_cond_uncond = args.pad_cond_uncond
-    pipeline.loras, pipeline.lora_dir = args.loras, Path(args.lora_dir)
+    pipeline.lora_dir = Path(args.lora_dir)
+    pipeline.use_loras(args.loras)
     directory = Path(args.embeddings or DEFAULT_EMBEDDINGS)
     if args.embeddings and not directory.exists():
         raise InputError(f"--embeddings {directory} does not exist")

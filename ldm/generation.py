@@ -418,6 +418,11 @@ class Pipeline:
         shape = self.geometry.latent_shape(height or self.geometry.native_size, width or self.geometry.native_size)
         return torch.randn((batch_size, *shape), generator=generator, device=self.device)
 
+    def use_loras(self, loras: list[tuple[str | Path, float]]) -> None:
+        """Merge ``loras`` (file, weight) now, and for every later call (besides the tags in its prompts)."""
+        self.loras = [(Path(path), weight) for path, weight in loras]
+        self._activate_loras([])
+
     @property
     def active_loras(self) -> list[str]:
         """The LoRAs merged now, as ``name:weight``."""
