@@ -6,6 +6,7 @@ import open_clip.tokenizer
 import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+from safetensors.torch import save_file
 
 from ldm.modules.encoders.modules import END_OF_TEXT, START_OF_TEXT, FrozenCLIPEmbedder, clip_tokenizer
 from ldm.testing.diffusers_interop import diffusers_pipeline, transformers_text_encoder
@@ -159,8 +160,6 @@ def test_clip_skip_is_the_hidden_state_before_the_last_layers_and_diffusers_clip
 
 
 def write_embedding(path, vectors, layout):
-    from safetensors.torch import save_file
-
     if layout == "a1111":
         torch.save({"string_to_token": {"*": torch.tensor(265)}, "string_to_param": {"*": vectors},
                     "name": path.stem, "step": 3000, "sd_checkpoint_name": "sd-v1-5"}, path)

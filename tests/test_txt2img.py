@@ -329,9 +329,6 @@ def test_bad_prompt_settings_are_one_line(change, message, tmp_path, tiny_checkp
 
 def test_a_lora_by_flag_or_by_prompt_tag_draws_the_same_and_the_tag_never_reaches_clip(tmp_path, tiny_checkpoint,
                                                                                       monkeypatch):
-    from ldm.models.loading import load_model
-    from test_lora import ATTN_Q, TEXT_Q, kohya_file
-
     (tmp_path / "loras").mkdir()
     kohya_file(tmp_path / "loras" / "ink.safetensors", load_model(TINY_CONFIG, tiny_checkpoint), "lora",
                layers=[ATTN_Q, TEXT_Q])

@@ -3,14 +3,17 @@
 For cross-checks and benchmarks against the peer implementation; sampling never needs it.
 """
 
+import copy
 from typing import Any, Mapping
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                  convert_ldm_vae_checkpoint, create_unet_diffusers_config_from_ldm,
                                                  create_vae_diffusers_config_from_ldm)
 from transformers import CLIPTextConfig, CLIPTextModel
+
+from ldm.modules.encoders.modules import clip_tokenizer
 
 IMAGE_SIZE = 512  # only sets the config's nominal sample size; it saves diffusers guessing the model type
 
@@ -46,17 +49,15 @@ def transformers_text_encoder(state_dict: Mapping[str, torch.Tensor], config: CL
     return module
 
 
-def diffusers_pipeline(model, original_config: Mapping):
+def diffusers_pipeline(model, original_config: Mapping) -> StableDiffusionPipeline:
     """diffusers' StableDiffusionPipeline on ``model``'s weights, with a tokenizer of its own (textual inversion and
     LoRA loading change the tokenizer and text encoder they are given)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    from ldm.modules.encoders.modules import clip_tokenizer
-
     state_dict = model.state_dict()
     tokenizer = clip_tokenizer.__wrapped__()
     tokenizer.model_max_length = 77
-    text_encoder = transformers_text_encoder(state_dict, model.cond_stage_model.transformer.text_model.config)
+    # a copy of the config: textual-inversion loading resizes the vocabulary in the config it is given
+    config = copy.deepcopy(model.cond_stage_model.transformer.text_model.config)
+    text_encoder = transformers_text_encoder(state_dict, config)
     # diffusers 0.42's clip_skip path reads transformers 4's text_encoder.text_model.final_layer_norm; transformers
     # 5 flattened that level away. An unregistered alias gives diffusers the layout it expects.
     object.__setattr__(text_encoder, "text_model", text_encoder)
