@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from ldm.cli import ScriptParser, add_checkpoint_arguments, clean_exit
-from ldm.models.loading import load_config, load_model
+from ldm.models.loading import load_config, load_model, load_vae
 from ldm.testing.diffusers_interop import diffusers_pipeline
 from ldm.util import InputError
 
@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.original is not None and args.original.suffix != ".safetensors":
         raise InputError(f"--original {args.original} must end in .safetensors")
     config = load_config(args.config)
-    model = load_model(config, args.ckpt, dtype=torch.float16 if args.half else torch.float32)
+    model = load_model(config, args.ckpt, dtype=torch.float16 if args.half else torch.float32, ema=args.ema)
+    if args.vae:
+        load_vae(model, args.vae)  # baked in: the written model carries the separate VAE
     if args.original is not None:
         args.original.parent.mkdir(parents=True, exist_ok=True)
         save_file({key: value.contiguous() for key, value in model.state_dict().items()

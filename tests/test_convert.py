@@ -2,11 +2,12 @@
 
 import torch
 from diffusers import StableDiffusionPipeline
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import TINY_CONFIG, assert_one_error_line, load_script
-from ldm.models.loading import load_model
+from ldm.models.loading import build_model, load_model
 from ldm.testing.diffusers_interop import diffusers_pipeline
+from ldm.util import randomize_parameters_
 
 convert = load_script("convert")
 
@@ -29,6 +30,16 @@ def test_a_diffusers_folder_diffusers_loads_and_we_load_back_equal(tmp_path, tin
     back = load_model(TINY_CONFIG, out).state_dict()
     assert all(torch.equal(value, back[key]) for key, value in tiny_model.state_dict().items()
                if not key.endswith("position_ids"))
+
+
+def test_a_separate_vae_is_baked_into_the_written_model(tmp_path, tiny_checkpoint):
+    vae = randomize_parameters_(build_model(TINY_CONFIG), seed=11).first_stage_model.state_dict()
+    save_file({key: value.contiguous() for key, value in vae.items()}, tmp_path / "vae.safetensors")
+    out = tmp_path / "with-vae.safetensors"
+    assert convert.main(["--config", str(TINY_CONFIG), "--ckpt", str(tiny_checkpoint), "--original", str(out),
+                         "--vae", str(tmp_path / "vae.safetensors")]) == 0
+    written = load_file(out)
+    assert all(torch.equal(written["first_stage_model." + key], value) for key, value in vae.items())
 
 
 def test_an_original_file_in_half_precision_and_no_overwriting(tmp_path, tiny_checkpoint, tiny_model, capsys):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm.models.lora import apply_loras, take_lora_tags
+from ldm.models.lora import apply_loras, find_lora, take_lora_tags
 from ldm.modules.winograd import set_winograd
 from ldm.testing.diffusers_interop import diffusers_pipeline
 from ldm.util import InputError
@@ -107,6 +107,12 @@ def test_the_unet_equals_diffusers_with_the_same_kohya_file(weight, model, tiny_
     ours = model.apply_model(x, t, context)
     theirs = pipeline.unet(x, t, encoder_hidden_states=context).sample
     assert (ours - theirs).norm() / theirs.norm() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["../../secret", "sub/style", ".hidden", "/etc/passwd"])
+def test_a_tag_names_a_file_in_the_lora_folder_never_a_path(name, tmp_path):
+    with pytest.raises(InputError, match="not by a path"):
+        find_lora(name, tmp_path)
 
 
 def test_prompt_tags_come_out_of_the_text():

@@ -195,7 +195,10 @@ def take_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
 
 
 def find_lora(name: str, directory: str | Path) -> Path:
-    """The file a ``<lora:NAME>`` tag means: NAME.safetensors (or .pt, .ckpt) in ``directory``."""
+    """The file a ``<lora:NAME>`` tag means: NAME.safetensors (or .pt, .ckpt) in ``directory``. A prompt may come
+    from a stranger's PNG (``--from-png``), so NAME is a file name, never a path out of ``directory``."""
+    if not name or Path(name).name != name or name.startswith("."):
+        raise InputError(f"<lora:{name}>: a LoRA is named by its file name in the LoRA folder, not by a path")
     for suffix in LORA_SUFFIXES:
         if (Path(directory) / f"{name}{suffix}").is_file():
             return Path(directory) / f"{name}{suffix}"
