@@ -140,7 +140,7 @@ def test_first_order_step_is_a_ddim_step(algorithm_type):
         eps = model(x, torch.full((2,), float(n_from), dtype=torch.float64))
         pred_x0 = (x - (1 - ac_s).sqrt() * eps) / ac_s.sqrt()
         ddim = ac_t.sqrt() * pred_x0 + (1 - ac_t).sqrt() * eps
-        dpm = solver.first_update(x, s, t, solver._model(x, s))
+        dpm = solver.first_update(x, s, t, solver.evaluate(x, s))
         torch.testing.assert_close(dpm, ddim, rtol=1e-9, atol=1e-9)
 
 

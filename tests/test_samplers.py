@@ -3,10 +3,16 @@
 import pytest
 import torch
 
-from ldm.models.diffusion.samplers import SAMPLERS, make_sampler
+from ldm.models.diffusion.samplers import SAMPLER_LABELS, SAMPLERS, make_sampler
 from ldm.models.diffusion.sampling_util import Intermediates
 
-MODEL_CALLS = {"ddim": 5, "plms": 6, "dpm_solver": 5}
+ALL_SAMPLERS = sorted(SAMPLER_LABELS)
+COMPVIS_MODEL_CALLS = {"ddim": 5, "plms": 6, "dpm_solver": 5}
+
+
+def model_calls(name, model, steps=5):
+    """Guided calls of a 5-step run: PLMS makes one extra; σ-space second-order steps two (the last one, one)."""
+    return COMPVIS_MODEL_CALLS[name] if name in SAMPLERS else make_sampler(name, model).model_calls(steps)
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +22,7 @@ def conditioning(tiny_model):
             tiny_model.get_learned_conditioning(["", ""])
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("name", ALL_SAMPLERS)
 def test_one_interface_for_every_sampler(name, tiny_model, conditioning, monkeypatch):
     cond, uncond = conditioning
     calls = []
@@ -33,7 +39,7 @@ def test_one_interface_for_every_sampler(name, tiny_model, conditioning, monkeyp
         return samples
 
     first = run(0)
-    assert calls == [4] * MODEL_CALLS[name]  # guided calls on the doubled batch
+    assert calls == [4] * model_calls(name, tiny_model)  # guided calls on the doubled batch
     assert first.shape == (2, 4, 8, 8) and first.dtype == torch.float32 and first.device.type == "cpu"
     assert torch.isfinite(first).all()
     assert torch.equal(first, run(0))
@@ -80,7 +86,7 @@ def test_img2img_draws_its_noise_then_the_samplers(name, draws, tiny_model, cond
 
 def test_every_sampler_reports_the_predicted_x0_and_the_same_intermediates(tiny_model, conditioning):
     cond, uncond = conditioning
-    for name in SAMPLERS:
+    for name in ALL_SAMPLERS:
         seen = []
         samples, intermediates = make_sampler(name, tiny_model).sample(
             S=5, batch_size=2, shape=(4, 8, 8), conditioning=cond, unconditional_conditioning=uncond,
@@ -94,14 +100,39 @@ def test_every_sampler_reports_the_predicted_x0_and_the_same_intermediates(tiny_
 
 
 def test_unknown_sampler_names_the_choices(tiny_model):
-    with pytest.raises(ValueError, match="ddim, plms, dpm_solver"):
-        make_sampler("euler", tiny_model)
+    with pytest.raises(ValueError, match="DDIM, PLMS, DPM-Solver, Euler, Euler a, Heun"):
+        make_sampler("eulr", tiny_model)
+
+
+@pytest.mark.parametrize("name, key, schedule", [("DPM++ 2M Karras", "dpmpp_2m", "karras"),
+                                                 ("dpmpp_2m", "dpmpp_2m", "karras"),
+                                                 ("euler a", "euler_ancestral", "normal"),
+                                                 ("k_euler_ancestral", "euler_ancestral", "normal"),
+                                                 ("DPM++ 2M SDE", "dpmpp_2m_sde", "exponential"),
+                                                 ("DPM++ 3M SDE Exponential", "dpmpp_3m_sde", "exponential"),
+                                                 ("UniPC", "uni_pc", "normal"), ("LMS Karras", "lms", "karras"),
+                                                 ("Euler SGM Uniform", "euler", "sgm_uniform"),
+                                                 ("Heun Align Your Steps", "heun", "align_your_steps")])
+def test_a1111_names_resolve_to_sampler_and_schedule(name, key, schedule, tiny_model):
+    sampler = make_sampler(name, tiny_model)
+    assert sampler.method.label == SAMPLER_LABELS[key] and sampler.schedule == schedule
+
+
+def test_a_schedule_given_apart_or_in_the_name(tiny_model):
+    assert make_sampler("Euler", tiny_model, "Karras").name == "Euler Karras"
+    assert make_sampler("Euler a", tiny_model).name == "Euler a"
+    with pytest.raises(ValueError, match="names the schedule Karras"):
+        make_sampler("Euler Karras", tiny_model, "exponential")
+    with pytest.raises(ValueError, match="own time grid"):
+        make_sampler("ddim", tiny_model, "karras")
+    with pytest.raises(ValueError, match="schedule must be one of Normal, Karras"):
+        make_sampler("Euler", tiny_model, "karas")
 
 
 SYNCING_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("name", ALL_SAMPLERS)
 def test_the_step_loop_never_waits_for_the_device(name, tiny_model, conditioning, monkeypatch):
     """Between the first and the last model call nothing copies a tensor to the host (on a GPU each such call
     would stall the queue); grids and coefficients are computed before the loop."""
@@ -122,5 +153,5 @@ def test_the_step_loop_never_waits_for_the_device(name, tiny_model, conditioning
                    unconditional_guidance_scale=7.5, verbose=False)
     monkeypatch.undo()
     first, last = events.index("model"), len(events) - 1 - events[::-1].index("model")
-    assert events.count("model") == MODEL_CALLS[name]
+    assert events.count("model") == model_calls(name, tiny_model)
     assert [event for event in events[first:last] if event != "model"] == []

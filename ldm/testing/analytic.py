@@ -34,8 +34,25 @@ def log_alpha_at(timesteps: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.interp(t.numpy(), np.arange(1000), log_alphas.numpy())).to(timesteps.device)
 
 
+def log_alpha_between_sigmas(timesteps: torch.Tensor) -> torch.Tensor:
+    """log α at real-valued DDPM timesteps with log σ linear between the integers (as k-diffusion's σ ↔ t), where
+    σ = √((1 − ᾱ)/ᾱ) and α = 1/√(1 + σ²)."""
+    log_sigmas = 0.5 * ((1 - SD_ALPHAS_CUMPROD.double()) / SD_ALPHAS_CUMPROD.double()).log()
+    t = timesteps.double().cpu()
+    log_sigma = torch.from_numpy(np.interp(t.numpy(), np.arange(1000), log_sigmas.numpy()))
+    return (-0.5 * torch.log1p(torch.exp(2 * log_sigma))).to(timesteps.device)
+
+
+def ideal_denoiser(x: torch.Tensor, sigma: float, mu, s: float) -> torch.Tensor:
+    """E[x_0 | x_0 + σ·ε = x] for x_0 ~ N(μ, s²): μ + s²/(s² + σ²)·(x − μ)."""
+    return mu + s ** 2 / (s ** 2 + sigma ** 2) * (x - mu)
+
+
 class GaussianLatentDiffusion:
     """Stands in for LatentDiffusion: SD v1's schedule and the ideal ε for Gaussian data N(μ, s²).
+
+    Between integer timesteps, log α is linear (DPM-Solver's discrete schedule), or with ``sigma_space`` log σ
+    (k-diffusion's), so that the model is exact for the samplers that step in that time.
 
     The conditioning, when given, is μ per sample, shape (B,); ``calls`` counts ``apply_model`` calls.
     """
@@ -43,8 +60,8 @@ class GaussianLatentDiffusion:
     parameterization = "eps"
     num_timesteps = 1000
 
-    def __init__(self, mu: float = 0.3, s: float = 0.5, device: str = "cpu"):
-        self.mu, self.s = mu, s
+    def __init__(self, mu: float = 0.3, s: float = 0.5, device: str = "cpu", sigma_space: bool = False):
+        self.mu, self.s, self.sigma_space = mu, s, sigma_space
         self.alphas_cumprod = SD_ALPHAS_CUMPROD.to(device)
         self.device = torch.device(device)
         self.calls = 0
@@ -54,7 +71,7 @@ class GaussianLatentDiffusion:
         self.calls += 1
         self.timesteps_seen.append(float(t[0]))
         shape = (-1, *([1] * (x.dim() - 1)))
-        alpha = log_alpha_at(t).exp().to(x.dtype).view(shape)
+        alpha = (log_alpha_between_sigmas(t) if self.sigma_space else log_alpha_at(t)).exp().to(x.dtype).view(shape)
         sigma = (1 - alpha ** 2).sqrt()
         mu = self.mu if cond is None else cond.to(x.dtype).view(shape)
         return ideal_noise(x, alpha, sigma, mu, self.s)

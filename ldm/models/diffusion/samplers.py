@@ -1,6 +1,11 @@
 """The sampler protocol and the registry: callers pick a sampler by name and speak to it in one vocabulary.
 
-Every sampler (DDIM, PLMS, DPM-Solver) takes:
+Names: the original's ``ddim``, ``plms`` and ``dpm_solver`` (the seed's DPM-Solver++ configuration), and the σ-space
+samplers of :mod:`~ldm.models.diffusion.dpm_solver.sigma_samplers` under A1111's labels or ComfyUI's keys ("Euler a",
+"euler_ancestral", "DPM++ 2M", "dpmpp_2m", …), case-, space- and underscore-insensitive; a schedule may follow the
+name ("DPM++ 2M Karras") or be given apart.
+
+Every sampler takes:
 
 * ``S``: the number of steps; ``unconditional_guidance_scale`` s and ``unconditional_conditioning`` for
   classifier-free guidance ε = ε(x, ∅) + s·(ε(x, c) − ε(x, ∅)); ``eta`` (DDIM's η; 0 for the others);
@@ -13,12 +18,14 @@ and returns from ``sample`` the latents and :class:`~ldm.models.diffusion.sampli
 Grid indices, DDPM timesteps and continuous solver times stay inside each sampler.
 """
 
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
+from ldm.models.diffusion.dpm_solver.sigma_samplers import SIGMA_METHODS, SigmaSampler
+from ldm.models.diffusion.dpm_solver.sigmas import SCHEDULE_ALIASES, SCHEDULE_LABELS, SCHEDULES
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampling_util import Intermediates, StepCallback
 from ldm.util import ParameterError
@@ -42,10 +49,70 @@ class Sampler(Protocol):
 
 
 SAMPLERS: dict[str, type[Sampler]] = {"ddim": DDIMSampler, "plms": PLMSSampler, "dpm_solver": DPMSolverSampler}
+SAMPLER_LABELS = {"ddim": "DDIM", "plms": "PLMS", "dpm_solver": "DPM-Solver",
+                  **{key: method.label for key, method in SIGMA_METHODS.items()}}
 
 
-def make_sampler(name: str, model) -> Sampler:
-    """A sampler for ``model`` by name: ``ddim``, ``plms`` or ``dpm_solver``."""
-    if name not in SAMPLERS:
-        raise ParameterError("sampler", f"must be one of {', '.join(SAMPLERS)}, got {name!r}")
-    return SAMPLERS[name](model)
+def _spelling(name: str) -> str:
+    """What two spellings of one name share: lower case, "++" as "pp", no spaces, underscores or hyphens."""
+    return "".join(name.lower().replace("++", "pp").replace("+", "p").split()).replace("_", "").replace("-", "")
+
+
+_SAMPLER_SPELLINGS = {_spelling(spelling): key for key, label in SAMPLER_LABELS.items() for spelling in (key, label)}
+_SCHEDULE_SPELLINGS = {**{_spelling(spelling): key for key, label in SCHEDULE_LABELS.items() for spelling in (key, label)},
+                       **{_spelling(alias): key for alias, key in SCHEDULE_ALIASES.items()}}
+
+
+def resolve_schedule(name: str | None) -> str | None:
+    """A schedule key from any spelling; None and "Automatic" mean the sampler's default."""
+    if name is None or _spelling(name) == "automatic":
+        return None
+    if _spelling(name) not in _SCHEDULE_SPELLINGS:
+        raise ParameterError("schedule", f"must be one of {', '.join(SCHEDULE_LABELS.values())}, got {name!r}")
+    return _SCHEDULE_SPELLINGS[_spelling(name)]
+
+
+def resolve_sampler(name: str) -> tuple[str, str | None]:
+    """(sampler key, schedule key or None) from a name such as "DPM++ 2M Karras", "euler_ancestral" or "k_lms"."""
+    spelling = _spelling(name)
+    for candidate in (spelling, spelling.removeprefix("k")):
+        if candidate in _SAMPLER_SPELLINGS:
+            return _SAMPLER_SPELLINGS[candidate], None
+        for schedule_spelling, schedule in _SCHEDULE_SPELLINGS.items():
+            head = candidate.removesuffix(schedule_spelling)
+            if head != candidate and head in _SAMPLER_SPELLINGS and _SAMPLER_SPELLINGS[head] in SIGMA_METHODS:
+                return _SAMPLER_SPELLINGS[head], schedule
+    raise ParameterError("sampler", f"must be one of {', '.join(SAMPLER_LABELS.values())} (a schedule may follow "
+                                    f"the name: 'DPM++ 2M Karras'), got {name!r}")
+
+
+def check_sampler(name: str, schedule: str | Sequence[float] | None = None) -> tuple[str, str | Sequence[float] | None]:
+    """The sampler key and schedule that ``make_sampler`` would use, checked without a model."""
+    key, named_schedule = resolve_sampler(name)
+    if isinstance(schedule, str) or schedule is None:
+        schedule = resolve_schedule(schedule)
+    if schedule is not None and named_schedule is not None and schedule != named_schedule:
+        raise ParameterError("schedule", f"{name!r} names the schedule {SCHEDULE_LABELS[named_schedule]}, "
+                                         f"not {schedule!r}")
+    schedule = named_schedule if schedule is None else schedule
+    if key in SAMPLERS and schedule is not None:
+        raise ParameterError("schedule", f"{SAMPLER_LABELS[key]} has its own time grid; schedules are for "
+                                         f"{', '.join(method.label for method in SIGMA_METHODS.values())}")
+    return key, schedule
+
+
+def make_sampler(name: str, model, schedule: str | Sequence[float] | None = None, *, eta: float | None = None,
+                 s_noise: float = 1.0) -> Sampler:
+    """A sampler for ``model`` by name (module docstring), on ``schedule`` (a :data:`SCHEDULES` name or an explicit
+    σ grid ending in 0; default: A1111's for that sampler). ``eta`` and ``s_noise``: the noise level and scale of
+    ancestral and SDE samplers (default 1)."""
+    key, schedule = check_sampler(name, schedule)
+    if key in SAMPLERS:
+        if eta is not None or s_noise != 1.0:
+            raise ParameterError("eta", f"and s_noise are for ancestral and SDE samplers, not {SAMPLER_LABELS[key]}")
+        return SAMPLERS[key](model)
+    return SigmaSampler(model, key, schedule, eta=eta, s_noise=s_noise)
+
+
+__all__ = ["SAMPLERS", "SAMPLER_LABELS", "SCHEDULES", "SIGMA_METHODS", "Sampler", "check_sampler", "make_sampler",
+           "resolve_sampler", "resolve_schedule"]

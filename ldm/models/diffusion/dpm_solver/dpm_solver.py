@@ -19,6 +19,10 @@ every update here reads
 
     x_t = (a_t/a_s)·x_s − b_t·φ_1(ĥ)·M_s − b_t·(higher-order terms in the differences of M).
 
+SDE-DPM-Solver++ (DPM-Solver++ §5 and appendix; ``sde_eta`` η = 1 there) solves the reverse SDE with the same
+updates under ĥ = −(1 + η)·h and ratio (σ_t/σ_s)·e^{−ηh}, then adds noise of standard deviation σ_t·√(1 − e^{−2ηh})
+(:meth:`DPM_Solver.noise_std`); η = 0 is the ODE.
+
 Discrete-time models (N training steps, ᾱ_n) live on t_n = (n + 1)/N with log α_t interpolated linearly between
 those points; the network is fed (t − 1/N)·N. The time grid and all step coefficients are Python floats computed
 on the CPU in float64, so the sampling loop never waits on the device.
@@ -125,6 +129,15 @@ class NoiseScheduleVP:
         log_mean_coeff = self.marginal_log_mean_coeff(t)
         return log_mean_coeff - 0.5 * torch.log(-torch.expm1(2.0 * log_mean_coeff))
 
+    def log_coefficients(self, t: float) -> tuple[float, float]:
+        """(log α_t, log σ_t) at one time, in float64."""
+        log_alpha = self.marginal_log_mean_coeff(torch.tensor([t], dtype=torch.float64)).item()
+        return log_alpha, 0.5 * math.log(-math.expm1(2.0 * log_alpha))
+
+    def time_at_lambda(self, lamb: float) -> float:
+        """:meth:`inverse_lambda` at one value, in float64."""
+        return self.inverse_lambda(torch.tensor([lamb], dtype=torch.float64)).item()
+
     def inverse_lambda(self, lamb: torch.Tensor) -> torch.Tensor:
         """The t with λ_t = ``lamb``, from log α = −½·log(1 + e^{−2λ})."""
         log_alpha = -0.5 * torch.logaddexp(torch.zeros_like(lamb), -2.0 * lamb)
@@ -137,6 +150,28 @@ class NoiseScheduleVP:
             return tmp / (torch.sqrt(delta) + self.beta_0) / (self.beta_1 - self.beta_0)
         angle = torch.arccos(torch.exp(log_alpha + self.cosine_log_alpha_0))
         return angle * 2.0 * (1.0 + self.cosine_s) / math.pi - self.cosine_s
+
+
+class NoiseScheduleVE:
+    """The variance-exploding form x_σ = x_0 + σ·ε with the noise level itself as the time (Karras et al. 2022,
+    "Elucidating the Design Space of Diffusion-Based Generative Models", arXiv 2206.00364): α = 1, λ = −log σ.
+
+    A VP latent at noise level σ is this x scaled by 1/√(1 + σ²); the solver's updates are the same formulas in
+    either form. σ = 0 (the data) is a valid time: λ = ∞, and a first-order step to it returns the data prediction.
+    Everything is float arithmetic on the host.
+    """
+
+    schedule = "sigma"
+
+    @staticmethod
+    def log_coefficients(sigma: float) -> tuple[float, float]:
+        """(log α, log σ) = (0, log σ)."""
+        return 0.0, math.log(sigma) if sigma > 0 else -math.inf
+
+    @staticmethod
+    def time_at_lambda(lamb: float) -> float:
+        """σ = e^{−λ}."""
+        return math.exp(-lamb)
 
 
 def model_wrapper(model: Callable, noise_schedule: NoiseScheduleVP, model_type: str = "noise",
@@ -235,12 +270,18 @@ class DPM_Solver:
     ``correcting_x0_fn(x0, t)`` corrects data predictions (``"dynamic_thresholding"``: Imagen's, per sample
     the ``dynamic_thresholding_ratio`` quantile of |x_0|, at least ``thresholding_max_val``);
     ``correcting_xt_fn(x, t, step)`` corrects the sample after every step (t a float), e.g. for inpainting.
+    ``sde_eta`` η > 0 turns DPM-Solver++'s updates into SDE-DPM-Solver++'s (module docstring); the caller adds the
+    noise of :meth:`noise_std` after each step.
     """
 
-    def __init__(self, model_fn: Callable, noise_schedule: NoiseScheduleVP, algorithm_type: str = "dpmsolver++",
+    def __init__(self, model_fn: Callable, noise_schedule: NoiseScheduleVP | NoiseScheduleVE,
+                 algorithm_type: str = "dpmsolver++",
                  correcting_x0_fn: str | Callable | None = None, correcting_xt_fn: Callable | None = None,
-                 thresholding_max_val: float = 1.0, dynamic_thresholding_ratio: float = 0.995):
+                 thresholding_max_val: float = 1.0, dynamic_thresholding_ratio: float = 0.995, sde_eta: float = 0.0):
         _check_choice("algorithm_type", algorithm_type, ALGORITHM_TYPES)
+        if sde_eta < 0 or (sde_eta and algorithm_type != "dpmsolver++"):
+            raise ValueError("sde_eta must be non-negative, and is for DPM-Solver++ only")
+        self.sde_eta = sde_eta
         if correcting_x0_fn == "dynamic_thresholding":
             correcting_x0_fn = self.dynamic_thresholding_fn
         elif correcting_x0_fn is not None and not callable(correcting_x0_fn):
@@ -277,28 +318,43 @@ class DPM_Solver:
     def _marginals(self, t: float) -> Marginals:
         """Remembered per time: the grid's are computed once, before the step loop."""
         if t not in self._marginals_at:
-            log_alpha = self.noise_schedule.marginal_log_mean_coeff(torch.tensor([t], dtype=torch.float64)).item()
-            log_sigma = 0.5 * math.log(-math.expm1(2.0 * log_alpha))
+            log_alpha, log_sigma = self.noise_schedule.log_coefficients(t)
             self._marginals_at[t] = Marginals(log_alpha, log_sigma, log_alpha - log_sigma)
         return self._marginals_at[t]
 
     def _lambda(self, t: float) -> float:
         return self._marginals(t).lamb
 
+    def lambda_at(self, t: float) -> float:
+        """λ_t = log α_t − log σ_t at one time."""
+        return self._marginals(t).lamb
+
+    def log_alpha_at(self, t: float) -> float:
+        return self._marginals(t).log_alpha
+
     def _time_at(self, lamb: float) -> float:
-        return self.noise_schedule.inverse_lambda(torch.tensor([lamb], dtype=torch.float64)).item()
+        return self.noise_schedule.time_at_lambda(lamb)
 
     def _coefficients(self, s: float, t: float) -> StepCoefficients:
-        """(a_t/a_s, b_t, ĥ): (α_t/α_s, σ_t, h) for DPM-Solver, (σ_t/σ_s, α_t, −h) for DPM-Solver++."""
+        """(a_t/a_s, b_t, ĥ): (α_t/α_s, σ_t, h) for DPM-Solver, (σ_t/σ_s, α_t, −h) for DPM-Solver++, and for
+        SDE-DPM-Solver++ with noise level η: (σ_t/σ_s·e^{−ηh}, α_t, −(1 + η)·h)."""
         m_s, m_t = self._marginals(s), self._marginals(t)
         h = m_t.lamb - m_s.lamb
         if self.algorithm_type == "dpmsolver":
             return StepCoefficients(math.exp(m_t.log_alpha - m_s.log_alpha), math.exp(m_t.log_sigma), h)
-        return StepCoefficients(math.exp(m_t.log_sigma - m_s.log_sigma), math.exp(m_t.log_alpha), -h)
+        eta_h = self.sde_eta * h if self.sde_eta else 0.0
+        return StepCoefficients(math.exp(m_t.log_sigma - m_s.log_sigma - eta_h), math.exp(m_t.log_alpha), -h - eta_h)
+
+    def noise_std(self, s: float, t: float) -> float:
+        """The standard deviation of the noise SDE-DPM-Solver++ adds after a step s → t: σ_t·√(1 − e^{−2ηh})."""
+        m_s, m_t = self._marginals(s), self._marginals(t)
+        if not self.sde_eta or m_t.log_sigma == -math.inf:
+            return 0.0
+        return math.exp(m_t.log_sigma) * math.sqrt(-math.expm1(-2.0 * self.sde_eta * (m_t.lamb - m_s.lamb)))
 
     # The model, as the algorithm needs it.
 
-    def _model(self, x: torch.Tensor, t: float) -> torch.Tensor:
+    def evaluate(self, x: torch.Tensor, t: float) -> torch.Tensor:
         """ε_θ(x, t) for DPM-Solver, x_θ(x, t) = (x − σ_t·ε_θ)/α_t (corrected) for DPM-Solver++."""
         self.nfe += 1
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
@@ -348,7 +404,7 @@ class DPM_Solver:
         """
         s1 = self._time_at(self._lambda(s) + r1 * (self._lambda(t) - self._lambda(s)))
         c1 = self._coefficients(s, s1)
-        model_s1 = self._model(c1.ratio * x - c1.b_t * phi_1(c1.h_signed) * model_s, s1)
+        model_s1 = self.evaluate(c1.ratio * x - c1.b_t * phi_1(c1.h_signed) * model_s, s1)
         c = self._coefficients(s, t)
         second = phi_1(c.h_signed) / (2.0 * r1) if solver_type == "dpmsolver" else phi_2(c.h_signed) / r1
         x_t = c.ratio * x - c.b_t * phi_1(c.h_signed) * model_s - c.b_t * second * (model_s1 - model_s)
@@ -371,11 +427,11 @@ class DPM_Solver:
         s1, s2 = self._time_at(lambda_s + r1 * h), self._time_at(lambda_s + r2 * h)
         if model_s1 is None:
             c1 = self._coefficients(s, s1)
-            model_s1 = self._model(c1.ratio * x - c1.b_t * phi_1(c1.h_signed) * model_s, s1)
+            model_s1 = self.evaluate(c1.ratio * x - c1.b_t * phi_1(c1.h_signed) * model_s, s1)
         c2 = self._coefficients(s, s2)
         x_s2 = (c2.ratio * x - c2.b_t * phi_1(c2.h_signed) * model_s
                 - c2.b_t * (r2 / r1) * phi_2(c2.h_signed) * (model_s1 - model_s))
-        model_s2 = self._model(x_s2, s2)
+        model_s2 = self.evaluate(x_s2, s2)
         c = self._coefficients(s, t)
         x_t = c.ratio * x - c.b_t * phi_1(c.h_signed) * model_s
         if solver_type == "dpmsolver":
@@ -398,6 +454,11 @@ class DPM_Solver:
         c = self._coefficients(t_prev[-1], t)
         second = 0.5 * phi_1(c.h_signed) if solver_type == "dpmsolver" else phi_2(c.h_signed)
         return c.ratio * x - c.b_t * phi_1(c.h_signed) * model_prev[-1] - c.b_t * second * d1
+
+    def multistep_update(self, order: int, x: torch.Tensor, model_prev: list[torch.Tensor], t_prev: list[float],
+                         t: float, solver_type: str = "dpmsolver") -> torch.Tensor:
+        """The order-k multistep update (k = 1, 2, 3) from the last k model outputs and their times."""
+        return self._multi_updates[order](x, model_prev, t_prev, t, solver_type)
 
     def multistep_third_update(self, x: torch.Tensor, model_prev: list[torch.Tensor], t_prev: list[float],
                                t: float, solver_type: str = "dpmsolver") -> torch.Tensor:
@@ -518,18 +579,18 @@ class DPM_Solver:
         if steps < order:
             raise ValueError(f"multistep order {order} needs at least {order} steps, got {steps}")
         times = self.get_time_steps(skip_type, t_T, t_0, steps)
-        t_prev, model_prev = [times[0]], [self._model(x, times[0])]
+        t_prev, model_prev = [times[0]], [self.evaluate(x, times[0])]
         x = after_step(x, times[0], 0)
         for step in tqdm(range(1, steps + 1), desc="DPM-Solver", disable=not progress, leave=False,
                          unit="step"):
             step_order = min(order, step)
             if lower_order_final and steps < LOWER_ORDER_FINAL_BELOW_STEPS:
                 step_order = min(step_order, steps + 1 - step)
-            x = self._multi_updates[step_order](x, model_prev, t_prev, times[step], solver_type)
+            x = self.multistep_update(step_order, x, model_prev, t_prev, times[step], solver_type)
             x = after_step(x, times[step], step)
             if step < steps:
                 t_prev = [*t_prev, times[step]][-order:]
-                model_prev = [*model_prev, self._model(x, times[step])][-order:]
+                model_prev = [*model_prev, self.evaluate(x, times[step])][-order:]
         return x
 
     def _sample_singlestep(self, x: torch.Tensor, steps: int, order: int, t_T: float, t_0: float, skip_type: str,
@@ -550,7 +611,7 @@ class DPM_Solver:
             s, t = outer[step - 1], outer[step]
             inner = [self._lambda(u) for u in self.get_time_steps(skip_type, s, t, step_order)]
             ratios = [(lamb - inner[0]) / (inner[-1] - inner[0]) for lamb in inner[1:-1]]
-            x = self._single_updates[step_order](x, s, t, self._model(x, s), ratios, solver_type)
+            x = self._single_updates[step_order](x, s, t, self.evaluate(x, s), ratios, solver_type)
             x = after_step(x, t, step)
         return x
 
@@ -566,7 +627,7 @@ class DPM_Solver:
         s, h, x_prev = t_T, h_init, x
         while abs(s - t_0) > t_err:
             t = self._time_at(lambda_s + h)
-            model_s = self._model(x, s)
+            model_s = self.evaluate(x, s)
             if order == 2:
                 x_lower = self.first_update(x, s, t, model_s)
                 x_higher, _ = self.singlestep_second_update(x, s, t, model_s, r1=0.5, solver_type=solver_type)
