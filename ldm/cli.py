@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ldm.generation import (DEVICES, PRECISIONS, Generated, Pipeline, activation_bytes, available_bytes, open_image,
                             resolve_device, resolve_precision)
 from ldm.models.acceleration import Acceleration
+from ldm.models.diffusion.samplers import SAMPLERS, check_sampler, resolve_sampler, resolve_schedule
 from ldm.models.lora import find_lora, take_lora_tags
 from ldm.modules.encoders.modules import EMPHASIS_MODES
 from ldm.output import A1111_SAMPLERS, RunOutput, check_writable, parse_infotext
@@ -43,7 +44,8 @@ PARAMETER_FLAGS = {
     "cuda_graph": "--cuda_graph", "compile": "--compile", "attention_slicing": "--attention_slicing",
     "images": "--init-img", "encode_ratio": "--encode_ratio", "encode_type": "--encode_type",
     "n_samples": "--n_samples", "noise": "--fixed_code", "x_T": "--fixed_code", "outdir": "--outdir",
-    "clip_skip": "--clip_skip", "emphasis": "--emphasis",
+    "clip_skip": "--clip_skip", "emphasis": "--emphasis", "sampler": "--sampler", "schedule": "--schedule",
+    "eta_ancestral": "--eta_ancestral", "s_noise": "--s_noise",
 }
 # What the command line adds to a parameter's message.
 FLAG_HINTS = {"safety_checker": "with --no_safety_checker"}
@@ -130,6 +132,22 @@ def add_prompt_and_output_arguments(parser: ScriptParser, outdir: str) -> None:
     sampling.add_argument("--ddim_steps", type=int, default=50, help="number of sampling steps")
     sampling.add_argument("--plms", action="store_true", help="use plms sampling")
     sampling.add_argument("--dpm_solver", action="store_true", help="use dpm_solver sampling (wins over --plms)")
+    add_sampler_arguments(parser, "default: --dpm_solver, --plms or DDIM, as the original")
+
+
+def add_sampler_arguments(parser: ScriptParser, default: str) -> None:
+    """--sampler and its options; ``default`` says what runs without --sampler."""
+    sampling = parser.group("sampling")
+    sampling.add_argument("--sampler", type=str, default=None, metavar="NAME",
+                          help="a sampler by its A1111 or ComfyUI name ('Euler a', 'DPM++ 2M Karras', dpmpp_2m_sde, "
+                               f"UniPC, ...; see the README); {default}")
+    sampling.add_argument("--schedule", type=str, default=None, metavar="NAME",
+                          help="the noise schedule of a --sampler: Normal, Karras, Exponential, 'SGM Uniform', "
+                               "Simple, 'Align Your Steps', Beta (default: A1111's for the sampler)")
+    sampling.add_argument("--eta_ancestral", type=finite_float, default=None, metavar="ETA",
+                          help="noise level of ancestral and SDE samplers, 0 to 1 (default 1)")
+    sampling.add_argument("--s_noise", type=finite_float, default=1.0,
+                          help="a factor on the noise of ancestral and SDE samplers")
 
 
 def add_model_arguments(parser: ScriptParser, n_iter: int, n_samples: int, scale: float) -> None:
@@ -227,7 +245,8 @@ def pipeline_from_args(args: argparse.Namespace, config: DictConfig, sampler: st
     and the global RNG seeded with --seed (the one seeding of a run: see :mod:`ldm.generation`)."""
     checker = False if args.no_safety_checker else args.safety_checker or True
     pipeline = Pipeline.from_config(config, args.ckpt, device=args.device, precision=args.precision,
-                                    sampler=sampler, safety_checker=checker,
+                                    sampler=sampler, schedule=args.schedule, eta_ancestral=args.eta_ancestral,
+                                    s_noise=args.s_noise, safety_checker=checker,
                                     acceleration=acceleration_from_args(args), vae=args.vae,
                                     ema=args.ema)
     configure_prompts(args, pipeline)
@@ -317,7 +336,6 @@ def apply_infotext(args: argparse.Namespace, path: str) -> None:
     if not isinstance(text, str):
         raise InputError(f"--from-png {path} has no 'parameters' text to take the settings from")
     fields = parse_infotext(text)
-    samplers = {name: key for key, name in A1111_SAMPLERS.items()}
     try:
         width, height = map(int, fields.get("Size", f"{args.W}x{args.H}").split("x"))
         args.prompt, args.negative_prompt = fields["prompt"], fields["negative_prompt"]
@@ -326,11 +344,27 @@ def apply_infotext(args: argparse.Namespace, path: str) -> None:
         args.ddim_eta, args.clip_skip = float(fields.get("Eta DDIM", 0.0)), int(fields.get("Clip skip", 1))
     except ValueError as error:
         raise InputError(f"--from-png {path}: cannot read its settings ({error})") from None
-    sampler = samplers.get(fields.get("Sampler", "DDIM"))
-    if sampler is None:
-        raise InputError(f"--from-png {path} was drawn with the sampler {fields['Sampler']!r}, which this port has "
-                         f"not; it has {', '.join(A1111_SAMPLERS.values())}")
-    args.dpm_solver, args.plms = sampler == "dpm_solver", sampler == "plms"
+    apply_sampler_fields(args, path, fields)
+
+
+def apply_sampler_fields(args: argparse.Namespace, path: str, fields: dict[str, str]) -> None:
+    """Sampler, Schedule type and Eta of an infotext as flags. Our --dpm_solver writes "DPM++ 2M" on a "Uniform"
+    schedule, which reads back as --dpm_solver; every other name goes through --sampler."""
+    name, schedule = fields.get("Sampler", "DDIM"), fields.get("Schedule type")
+    args.dpm_solver = name == A1111_SAMPLERS["dpm_solver"] and schedule == "Uniform"
+    args.plms, args.sampler, args.schedule = False, None, None
+    if args.dpm_solver:
+        return
+    try:
+        key, named_schedule = resolve_sampler(name)
+        args.sampler = name
+        if key not in SAMPLERS and named_schedule is None:
+            args.schedule = resolve_schedule(schedule)
+        if "Eta" in fields and key not in SAMPLERS:
+            args.eta_ancestral = float(fields["Eta"])
+    except (ParameterError, ValueError) as error:
+        raise InputError(f"--from-png {path}: cannot use its sampler {name!r} / schedule {schedule!r} "
+                         f"({error})") from None
 
 
 def run_batches(args: argparse.Namespace, batches: list[list[str]], output: RunOutput,
@@ -346,8 +380,25 @@ def run_batches(args: argparse.Namespace, batches: list[list[str]], output: RunO
 
 
 def sampler_name(args: argparse.Namespace) -> str:
-    """The original's choice: --dpm_solver wins over --plms, else DDIM."""
+    """--sampler, else the original's choice: --dpm_solver wins over --plms, else DDIM."""
+    if args.sampler is not None:
+        return args.sampler
     return "dpm_solver" if args.dpm_solver else "plms" if args.plms else "ddim"
+
+
+def check_sampler_flags(args: argparse.Namespace) -> str:
+    """--sampler with its --schedule, --eta_ancestral, --s_noise and --ddim_eta; returns the sampler's key."""
+    if args.sampler is not None and (args.plms or args.dpm_solver):
+        raise InputError(f"--sampler {args.sampler} and {'--dpm_solver' if args.dpm_solver else '--plms'} both "
+                         "choose a sampler: give one")
+    key, _ = check_sampler(sampler_name(args), args.schedule, eta_ancestral=args.eta_ancestral, s_noise=args.s_noise)
+    if args.ddim_eta != 0 and key != "ddim":
+        chosen = args.sampler or ("--dpm_solver" if args.dpm_solver else "--plms")
+        raise InputError(f"--ddim_eta must be 0 with {chosen} (only DDIM samples stochastically with it; ancestral "
+                         "and SDE samplers take --eta_ancestral)")
+    if key == "dpm_solver" and args.ddim_steps < 2:
+        raise InputError(f"--ddim_steps must be at least 2 for DPM-Solver++(2M), got {args.ddim_steps}")
+    return key
 
 
 def check_values(args: argparse.Namespace) -> None:
@@ -370,15 +421,11 @@ def check_common(args: argparse.Namespace) -> None:
             raise InputError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
     if args.ddim_steps > 1000:
         raise InputError(f"--ddim_steps must be at most 1000, got {args.ddim_steps}")
-    if args.dpm_solver and args.ddim_steps < 2:
-        raise InputError(f"--ddim_steps must be at least 2 for DPM-Solver++(2M), got {args.ddim_steps}")
     if args.n_rows < 0:
         raise InputError(f"--n_rows must be 0 (one row per batch) or positive, got {args.n_rows}")
     if not 0 <= args.ddim_eta <= 1:  # beyond 1 the DDIM step's √(1 − ᾱ_prev − σ²) turns imaginary
         raise InputError(f"--ddim_eta must be between 0 and 1, got {args.ddim_eta}")
-    if args.ddim_eta != 0 and sampler_name(args) != "ddim":
-        raise InputError(f"--ddim_eta must be 0 with {'--dpm_solver' if args.dpm_solver else '--plms'} "
-                         "(only DDIM samples stochastically)")
+    check_sampler_flags(args)
     check_writable(args.outdir)
 
 

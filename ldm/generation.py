@@ -25,7 +25,8 @@ from PIL import Image, UnidentifiedImageError
 from ldm.editing.diffedit import edit_latent, estimate_mask, resize_mask
 from ldm.models.acceleration import Acceleration, accelerate
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
-from ldm.models.diffusion.samplers import SAMPLERS, Sampler, make_sampler
+from ldm.models.diffusion.dpm_solver.sigma_samplers import SigmaSampler
+from ldm.models.diffusion.samplers import SAMPLERS, Sampler, check_sampler, make_sampler
 from ldm.models.diffusion.sampling_util import StepCallback
 from ldm.models.loading import ConfigError, check_checkpoint_path, load_config, load_model, load_vae
 from ldm.models.lora import Merged, apply_loras, find_lora, take_lora_tags
@@ -290,13 +291,16 @@ class Pipeline:
     needed. Every call runs without gradients, at the pipeline's precision; see the module docstring for seeds.
     """
 
-    def __init__(self, model, geometry: Geometry, *, sampler: str = "ddim", device: torch.device | None = None,
+    def __init__(self, model, geometry: Geometry, *, sampler: str = "ddim", schedule: str | None = None,
+                 eta_ancestral: float | None = None, s_noise: float = 1.0, device: torch.device | None = None,
                  precision: str = "full", safety_checker: SafetyChecker | None = None,
                  acceleration: Acceleration = Acceleration(cuda_graph=False)):
         self.model = model
         self.geometry = geometry
-        self.sampler_name = sampler
-        self.sampler: Sampler = make_sampler(sampler, model)
+        self.sampler: Sampler = make_sampler(sampler, model, schedule, eta_ancestral=eta_ancestral, s_noise=s_noise)
+        # for metadata: the original's names ("ddim", "plms", "dpm_solver"), A1111's for the others ("Euler a Karras")
+        key = check_sampler(sampler, schedule)[0]
+        self.sampler_name = key if key in SAMPLERS else self.sampler.name
         self.device = model.device if device is None else device
         self.precision = resolve_precision(precision, self.device)
         self.safety_checker = safety_checker
@@ -309,16 +313,30 @@ class Pipeline:
         self.lora_dir = Path("models/lora")
         self._merged: Merged | None = None
 
+    def sampler_metadata(self) -> dict[str, str | float]:
+        """The sampler as output metadata names it: ``sampler`` (the original's key, or A1111's name such as
+        "DPM++ 2M Karras"), and for σ-space samplers A1111's ``schedule`` label and an ``eta_ancestral`` that is not
+        the default 1."""
+        metadata: dict[str, str | float] = {"sampler": self.sampler_name}
+        if hasattr(self.sampler, "schedule_label"):
+            metadata["schedule"] = self.sampler.schedule_label
+            if self.sampler.method.noise != "none" and self.sampler.eta != 1.0:
+                metadata["eta_ancestral"] = self.sampler.eta
+        return metadata
+
     @classmethod
     def from_config(cls, config: str | Path | DictConfig, ckpt: str | Path, *, device: str | torch.device = "auto",
-                    precision: str = "auto", sampler: str = "ddim", safety_checker: bool | str | Path = True,
-                    acceleration: Acceleration = Acceleration(), vae: str | Path | None = None,
-                    ema: bool = False) -> "Pipeline":
+                    precision: str = "auto", sampler: str = "ddim", schedule: str | None = None,
+                    eta_ancestral: float | None = None, s_noise: float = 1.0,
+                    safety_checker: bool | str | Path = True, acceleration: Acceleration = Acceleration(),
+                    vae: str | Path | None = None, ema: bool = False) -> "Pipeline":
         """Load ``ckpt`` into the model ``config`` describes, straight into the precision's weight dtype.
 
         ``safety_checker``: a directory with its weights, True for the Hugging Face cache's copy, False for none.
         ``vae``: a separate VAE file whose weights replace the checkpoint's autoencoder (:func:`load_vae`).
         ``ema``: a full checkpoint's EMA weights for the UNet.
+        ``sampler``, ``schedule``, ``eta_ancestral``, ``s_noise``: see
+        :func:`~ldm.models.diffusion.samplers.make_sampler`.
         Everything that needs no weights (config, device, precision, sampler, acceleration, the checker's
         files) is checked before the checkpoint is read. Where the config keeps EMA weights, they are used.
         """
@@ -326,8 +344,7 @@ class Pipeline:
         geometry = Geometry.of(config)
         device = resolve_device(device)
         precision = resolve_precision(precision, device)
-        if sampler not in SAMPLERS:
-            raise ParameterError("sampler", f"must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        check_sampler(sampler, schedule, eta_ancestral=eta_ancestral, s_noise=s_noise)
         acceleration = acceleration.for_device(device)
         checker = _all_at_once(lambda: check_checkpoint_path(ckpt),
                                lambda: vae is None or check_checkpoint_path(vae, "VAE"),
@@ -338,8 +355,8 @@ class Pipeline:
         if model.use_ema:
             model.model_ema.copy_to(model.model)
         accelerate(model, acceleration)
-        return cls(model, geometry, sampler=sampler, device=device, precision=precision, safety_checker=checker,
-                   acceleration=acceleration)
+        return cls(model, geometry, sampler=sampler, schedule=schedule, eta_ancestral=eta_ancestral, s_noise=s_noise,
+                   device=device, precision=precision, safety_checker=checker, acceleration=acceleration)
 
     def txt2img(self, prompts: str | Sequence[str], *, steps: int = 50, scale: float = 7.5,
                 negative_prompt: str = "", eta: float = 0.0, height: int | None = None, width: int | None = None,
@@ -389,7 +406,8 @@ class Pipeline:
                  mask: Image.Image | torch.Tensor | np.ndarray | None = None, steps: int = 20, scale: float = 7.5,
                  encode_ratio: float = 0.6, encode_type: str = "stochastic", negative_prompt: str = "",
                  n_samples: int = 1, generator: torch.Generator | None = None, verbose: bool = False) -> Edited:
-        """Edit ``image`` from ``source_prompt`` to ``target_prompt`` with DPM-Solver++ (:mod:`ldm.editing.diffedit`).
+        """Edit ``image`` from ``source_prompt`` to ``target_prompt`` with DPM-Solver++ (:mod:`ldm.editing.diffedit`),
+        or decoding with the pipeline's σ-space sampler where it has one (stochastic encoding only).
 
         ``mask=None`` estimates the mask from the two prompts (DiffEdit); a user mask (any size, white or 1 =
         edit) makes this plain mask inpainting. ``n_samples`` edits of the same image come back.
@@ -397,6 +415,7 @@ class Pipeline:
         if n_samples < 1:
             raise ParameterError("n_samples", f"must be a positive integer, got {n_samples}")
         sampler = self.sampler if isinstance(self.sampler, DPMSolverSampler) else DPMSolverSampler(self.model)
+        decoder = self.sampler if isinstance(self.sampler, SigmaSampler) else None
         pixels = self._image_tensor(image)
         source_prompt, target_prompt = self._activate_loras([source_prompt, target_prompt])
         with self._scope():
@@ -409,7 +428,7 @@ class Pipeline:
                 latent_mask = resize_mask(mask, tuple(init_latent.shape[-2:]))
             latents, _ = edit_latent(sampler, init_latent.expand(n_samples, *init_latent.shape[1:]), latent_mask,
                                      src_cond, dst_cond, uncond, encode_ratio, steps, encode_type, scale, generator,
-                                     verbose)
+                                     verbose, decoder)
             return Edited(*self._checked_images(latents), latent_mask.cpu())
 
     def initial_noise(self, batch_size: int, height: int | None = None, width: int | None = None,

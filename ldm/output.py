@@ -31,7 +31,8 @@ def image_grid(images: torch.Tensor, n_rows: int) -> Image.Image:
     return to_pil(make_grid(images, nrow=n_rows)[None])[0]
 
 
-# Our sampler names ↔ AUTOMATIC1111's, for the "parameters" text that civitai, A1111 and ComfyUI read.
+# The original's sampler names ↔ AUTOMATIC1111's, for the "parameters" text that civitai, A1111 and ComfyUI read (the
+# σ-space samplers carry A1111's names already: "DPM++ 2M Karras", with "Schedule type: Karras").
 A1111_SAMPLERS = {"ddim": "DDIM", "plms": "PLMS", "dpm_solver": "DPM++ 2M"}
 INFOTEXT_FIELD = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
@@ -43,10 +44,14 @@ def infotext(prompt: str, metadata: Mapping[str, Any]) -> str:
     fields = {"Steps": metadata["steps"], "Sampler": A1111_SAMPLERS.get(metadata["sampler"], metadata["sampler"])}
     if metadata["sampler"] == "dpm_solver":
         fields["Schedule type"] = "Uniform"
+    elif metadata.get("schedule"):
+        fields["Schedule type"] = metadata["schedule"]
     fields.update({"CFG scale": metadata["scale"], "Seed": metadata["seed"], "Size": metadata["size"],
                    "Model": Path(str(metadata["checkpoint"])).stem})
     if metadata.get("eta"):
         fields["Eta DDIM"] = metadata["eta"]
+    if metadata.get("eta_ancestral") is not None:
+        fields["Eta"] = metadata["eta_ancestral"]
     if metadata.get("strength") is not None:
         fields["Denoising strength"] = metadata["strength"]
     if int(metadata.get("clip_skip", 1)) != 1:

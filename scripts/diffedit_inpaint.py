@@ -1,4 +1,5 @@
-"""DiffEdit with DPM-Solver: edit a photo from two prompts, or inpaint it inside a mask you give.
+"""DiffEdit with DPM-Solver (or a --sampler of your choice): edit a photo from two prompts, or inpaint it inside a
+mask you give.
 
     python scripts/diffedit_inpaint.py --init-img fruit.png --prompt "A bowl of fruits" --edit "A bowl of pears"
     python scripts/diffedit_inpaint.py --init-img room.png --mask window.png --edit "a window at night"
@@ -12,10 +13,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from ldm.cli import (ScriptParser, add_checkpoint_arguments, add_extra_arguments, check_fits, check_lora_tags,
-                     check_values, clean_exit, finite_float, pipeline_from_args)
+from ldm.cli import (ScriptParser, add_checkpoint_arguments, add_extra_arguments, add_sampler_arguments, check_fits,
+                     check_lora_tags, check_values, clean_exit, finite_float, pipeline_from_args)
 from ldm.editing.diffedit import ENCODE_TYPES, mask_image
 from ldm.generation import Geometry, load_image, open_image
+from ldm.models.diffusion.samplers import SIGMA_METHODS, check_sampler
 from ldm.models.loading import load_config
 from ldm.output import ImageWriter, check_writable, to_pil
 from ldm.util import InputError
@@ -33,13 +35,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a mask image (white = edit); without it the mask is estimated from the two prompts")
     sampling.add_argument("--encode_ratio", type=finite_float, default=0.6,
                           help="how far to noise the photo before editing, in (0, 1]; higher changes more")
-    sampling.add_argument("--ddim_steps", type=int, default=20, help="DPM-Solver steps")
+    sampling.add_argument("--ddim_steps", type=int, default=20, help="sampling steps")
     sampling.add_argument("--encode_type", type=str, default="stochastic", choices=ENCODE_TYPES,
                           help="stochastic: noise in one jump; deterministic: ODE inversion under the source prompt")
     sampling.add_argument("--scale", type=finite_float, default=7.5, help="classifier-free guidance scale")
     sampling.add_argument("--n_samples", type=int, default=1, help="how many edits to make")
     parser.group("output").add_argument("--outdir", type=str, default="outputs/diffedit-samples",
                                         help="dir to write results to")
+    add_sampler_arguments(parser, "default: DPM-Solver++, the seed's; others decode a stochastic encoding")
     add_checkpoint_arguments(parser)
     add_extra_arguments(parser)
     return parser.parse_args(argv)
@@ -65,7 +68,13 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("ddim_steps", "n_samples"):
         if getattr(args, flag) <= 0:
             raise InputError(f"--{flag} must be a positive integer, got {getattr(args, flag)}")
-    if args.ddim_steps < 2:
+    key, _ = check_sampler(args.sampler or "dpm_solver", args.schedule, eta_ancestral=args.eta_ancestral,
+                           s_noise=args.s_noise)
+    if key != "dpm_solver" and (key not in SIGMA_METHODS or args.encode_type != "stochastic"):
+        raise InputError(f"--sampler {args.sampler} cannot decode DiffEdit's {args.encode_type} encoding: use "
+                         "DPM-Solver, or a σ-space sampler ('DPM++ 2M Karras', 'Euler a', ...) with --encode_type "
+                         "stochastic")
+    if key == "dpm_solver" and args.ddim_steps < 2:
         raise InputError("--ddim_steps must be at least 2 (DPM-Solver++(2M))")
     check_writable(args.outdir, ("samples", "masks"))
 
@@ -79,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     image_size = tuple(init_image.shape[-2:])
     user_mask = load_mask(args.mask, image_size) if args.mask else None
     check_fits(args, config, args.n_samples, *image_size)
-    pipeline = pipeline_from_args(args, config, "dpm_solver", f"{image_size[1]}×{image_size[0]}")
+    pipeline = pipeline_from_args(args, config, args.sampler or "dpm_solver", f"{image_size[1]}×{image_size[0]}")
 
     images, flagged, latent_mask = pipeline.diffedit(
         init_image, args.prompt, args.edit, mask=user_mask, steps=args.ddim_steps, scale=args.scale,
@@ -87,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         n_samples=args.n_samples, verbose=True)
     writer = ImageWriter(args.outdir)
     metadata = dict(prompt=args.prompt, edit=args.edit, negative_prompt=args.negative_prompt, seed=args.seed,
-                    sampler="dpm_solver", steps=args.ddim_steps, scale=args.scale, encode_ratio=args.encode_ratio,
+                    **pipeline.sampler_metadata(), steps=args.ddim_steps, scale=args.scale,
+                    encode_ratio=args.encode_ratio,
                     encode_type=args.encode_type, size=f"{image_size[1]}x{image_size[0]}",
                     checkpoint=Path(args.ckpt).name, init_image=Path(args.init_img).name,
                     mask=Path(args.mask).name if args.mask else "estimated")

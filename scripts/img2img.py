@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     # One posterior sample for the whole run, and with --fixed_code one noise, as the original.
     init = pipeline.encode(init_image.repeat(args.n_samples, 1, 1, 1))
     noise = torch.randn_like(init.latents) if args.fixed_code else None
-    metadata = dict(negative_prompt=args.negative_prompt, seed=args.seed, sampler=pipeline.sampler_name,
+    metadata = dict(negative_prompt=args.negative_prompt, seed=args.seed, **pipeline.sampler_metadata(),
                     steps=args.ddim_steps, scale=args.scale, eta=args.ddim_eta, strength=args.strength,
                     size=f"{width}x{height}", checkpoint=Path(args.ckpt).name, init_image=Path(args.init_img).name,
                     clip_skip=args.clip_skip)

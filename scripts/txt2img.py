@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     pipeline = pipeline_from_args(args, config, sampler_name(args), f"{args.W}×{args.H}")
 
     x_T = pipeline.initial_noise(args.n_samples, args.H, args.W) if args.fixed_code else None
-    metadata = dict(negative_prompt=args.negative_prompt, seed=args.seed, sampler=pipeline.sampler_name,
+    metadata = dict(negative_prompt=args.negative_prompt, seed=args.seed, **pipeline.sampler_metadata(),
                     steps=args.ddim_steps, scale=args.scale, eta=args.ddim_eta, size=f"{args.W}x{args.H}",
                     checkpoint=Path(args.ckpt).name, clip_skip=args.clip_skip)
     output = RunOutput(args.outdir, metadata | file_metadata(args), args.skip_save, args.skip_grid)

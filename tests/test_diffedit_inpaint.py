@@ -30,6 +30,12 @@ def test_writes_an_edit_and_its_mask_per_sample(tmp_path, tiny_checkpoint):
     assert sample.text["mask"] == "estimated"
 
 
+def test_a_sigma_sampler_decodes_the_stochastic_encoding(tmp_path, tiny_checkpoint):
+    assert diffedit_inpaint.main(tiny_run(tmp_path, tiny_checkpoint, "--sampler", "DPM++ 2M Karras")) == 0
+    sample = Image.open(tmp_path / "samples" / "00000.png")
+    assert sample.text["sampler"] == "DPM++ 2M Karras" and sample.text["schedule"] == "Karras"
+
+
 def test_a_user_mask_is_used_as_given(tmp_path, tiny_checkpoint):
     user_mask = np.zeros((192, 256), dtype=np.uint8)
     user_mask[:, :128] = 255
@@ -49,6 +55,9 @@ def test_a_user_mask_is_used_as_given(tmp_path, tiny_checkpoint):
     (["--scale", "nan"], "argument --scale: must be a finite number"),
     (["--encode_ratio", "inf"], "argument --encode_ratio: must be a finite number"),
     (["--outdir", ""], "--outdir must name a directory"),
+    (["--sampler", "Euler", "--encode_type", "deterministic"],
+     "--sampler Euler cannot decode DiffEdit's deterministic"),
+    (["--sampler", "PLMS"], "--sampler PLMS cannot decode DiffEdit's stochastic"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(change, message, tmp_path, tiny_checkpoint, capsys,
                                                          monkeypatch):

@@ -102,7 +102,8 @@ def test_bad_arguments_raise_value_errors_naming_the_parameter(call, parameter, 
 def test_from_config_checks_what_needs_no_weights_before_reading_the_checkpoint(tmp_path):
     missing = tmp_path / "missing.ckpt"  # never opened: each of these fails first
     for change, parameter in (({"device": "tpu"}, "device"), ({"precision": "fp8"}, "precision"),
-                              ({"sampler": "euler"}, "sampler")):
+                              ({"sampler": "eulr"}, "sampler"), ({"sampler": "Euler", "schedule": "karas"}, "schedule"),
+                              ({"sampler": "Euler a", "eta_ancestral": 2.0}, "eta_ancestral")):
         with pytest.raises(ParameterError) as error:
             Pipeline.from_config(DEMO_CONFIG, missing, **change)
         assert error.value.parameter == parameter

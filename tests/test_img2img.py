@@ -43,7 +43,8 @@ def test_defaults_are_the_originals():
     assert args.precision == "auto" and img2img.parse_args(["--precision", "autocast"]).precision == "autocast"
 
 
-@pytest.mark.parametrize("sampler", [[], ["--plms"], ["--dpm_solver"]])
+@pytest.mark.parametrize("sampler", [[], ["--plms"], ["--dpm_solver"], ["--sampler", "DPM++ 2M Karras"],
+                                     ["--sampler", "Euler a"], ["--sampler", "Heun"]])
 def test_every_sampler_writes_reproducible_samples_rounded_to_64(sampler, tmp_path, tiny_checkpoint, photo, caplog):
     for name in ("a", "b"):
         assert img2img.main(tiny_run(tmp_path / name, tiny_checkpoint, photo, "--strength", "0.5", *sampler)) == 0

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+import k_diffusion_reference as reference
 from ldm.models.diffusion.dpm_solver.sigma_samplers import (SIGMA_METHODS, BrownianNoise, SigmaSampler,
                                                             lms_coefficients, unipc_coefficients)
 from ldm.models.diffusion.dpm_solver.sigmas import SCHEDULES, DiscreteSigmas
 from ldm.testing.analytic import GaussianLatentDiffusion, exact_solution, ideal_denoiser
-import k_diffusion_reference as reference
 
 MU, S = 0.3, 0.5
 DIFFUSERS_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -91,7 +91,7 @@ def test_agrees_with_diffusers(name, scheduler, options, stochastic, steps, mode
 def test_3m_without_noise_is_diffusers_third_order_multistep(model, x_T):
     theirs, grid = run_diffusers(diffusers.DPMSolverMultistepScheduler(
         **DIFFUSERS_CONFIG, timestep_spacing="linspace", final_sigmas_type="zero", solver_order=3), model, x_T, 20)
-    assert torch.allclose(ours(model, "dpmpp_3m_sde", grid, x_T, eta=0.0), theirs, atol=1e-5, rtol=0)
+    assert torch.allclose(ours(model, "dpmpp_3m_sde", grid, x_T, eta_ancestral=0.0), theirs, atol=1e-5, rtol=0)
 
 
 def test_ddpm_is_diffusers_ddpm_posterior(model, x_T):
@@ -115,7 +115,7 @@ REFERENCES = {"dpmpp_2s_ancestral": reference.dpmpp_2s_ancestral, "dpmpp_sde": r
 def test_agrees_with_the_published_algorithm(name, eta, model, x_T):
     """Against a transcription of k-diffusion's loop, with the same noise injected (a Brownian path from the same
     seed, asked the same questions in the same order)."""
-    sampler = SigmaSampler(model, name, eta=eta)
+    sampler = SigmaSampler(model, name, eta_ancestral=eta)
     grid = sampler.grid(12)
 
     def denoise(x, sigma):
@@ -151,14 +151,15 @@ CONVERGENCE = [
     ("dpm_2", "karras", {}, (10, 20), (1.7, 2.6)),
     ("dpmpp_2m", "karras", {}, (10, 20), (1.7, 2.6)),
     ("dpmpp_2m", "exponential", {}, (10, 20), (1.7, 2.6)),  # uniform in λ = −log σ: the logSNR grid
-    ("dpmpp_2s_ancestral", "karras", dict(eta=0.0), (10, 20), (1.7, 2.6)),
+    ("dpmpp_2s_ancestral", "karras", dict(eta_ancestral=0.0), (10, 20), (1.7, 2.6)),
     ("lms", "karras", {}, (10, 20), (2.5, 5.0)),
     ("uni_pc_bh2", "karras", {}, (10, 20), (2.5, 10.0)),  # order 3 with the corrector: 6–7 measured here
     ("uni_pc", "karras", {}, (10, 20), (2.5, 10.0)),
 ]
 
 
-@pytest.mark.parametrize("name, schedule, options, steps, orders", CONVERGENCE, ids=[f"{c[0]}-{c[1]}" for c in CONVERGENCE])
+@pytest.mark.parametrize("name, schedule, options, steps, orders", CONVERGENCE,
+                         ids=[f"{c[0]}-{c[1]}" for c in CONVERGENCE])
 def test_converges_at_its_order(name, schedule, options, steps, orders, model, x_T):
     coarse, fine = (rms_error(model, name, schedule, n, x_T, **options) for n in steps)
     order = math.log(coarse / fine) / math.log(steps[1] / steps[0])
@@ -219,8 +220,8 @@ def test_lms_coefficients_integrate_polynomials_exactly():
         c = lms_coefficients(grid, step, 4)  # the rule is exact for cubics through the last four nodes
         f = np.poly1d([0.3, -1.0, 2.0, 0.5])
         nodes = [grid[step - k] for k in range(4)]
-        assert math.isclose(sum(ci * f(n) for ci, n in zip(c, nodes)), f.integ()(grid[step + 1]) - f.integ()(grid[step]),
-                            rel_tol=1e-12)
+        exact = f.integ()(grid[step + 1]) - f.integ()(grid[step])
+        assert math.isclose(sum(ci * f(n) for ci, n in zip(c, nodes)), exact, rel_tol=1e-12)
 
 
 def test_unipc_low_orders_are_the_papers_closed_forms():

@@ -44,7 +44,8 @@ def test_karras_is_the_closed_form(sigmas):
     grid = karras(n, sigmas)
     for i, level in enumerate(grid[:-1]):
         ramp = i / (n - 1)
-        expected = (sigmas.sigma_max ** (1 / rho) + ramp * (sigmas.sigma_min ** (1 / rho) - sigmas.sigma_max ** (1 / rho))) ** rho
+        high, low = sigmas.sigma_max ** (1 / rho), sigmas.sigma_min ** (1 / rho)
+        expected = (high + ramp * (low - high)) ** rho
         assert math.isclose(level, expected, rel_tol=1e-12)
     assert grid[0] == pytest.approx(sigmas.sigma_max) and grid[-2] == pytest.approx(sigmas.sigma_min) and grid[-1] == 0
 

@@ -370,3 +370,65 @@ def test_a_first_run_reports_every_missing_piece_at_once(tmp_path, tiny_checkpoi
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: checkpoint not found: ") and "; --safety_checker has no weights" in line
     assert line.endswith("with --no_safety_checker")
+
+
+@pytest.mark.parametrize("sampler", ["DPM++ 2M Karras", "Euler a", "dpmpp_sde", "UniPC"])
+def test_a1111_samplers_by_name_draw_and_say_so_in_the_parameters(sampler, tmp_path, tiny_checkpoint):
+    """The name and schedule go into the infotext A1111 reads, and --from-png draws the same picture again."""
+    argv = tiny_run(tmp_path / "first", tiny_checkpoint, "--no_safety_checker", "--n_samples", "1", "--skip_grid",
+                    "--sampler", sampler)
+    assert txt2img.main(argv) == 0
+    first = tmp_path / "first" / "samples" / "00000.png"
+    fields = parse_infotext(Image.open(first).text["parameters"])
+    expected = {"DPM++ 2M Karras": ("DPM++ 2M Karras", "Karras"), "Euler a": ("Euler a", "Normal"),
+                "dpmpp_sde": ("DPM++ SDE Karras", "Karras"), "UniPC": ("UniPC", "Normal")}[sampler]
+    assert (fields["Sampler"], fields["Schedule type"]) == expected
+    again = ["--config", str(TINY_CONFIG), "--ckpt", str(tiny_checkpoint), "--from-png", str(first), "--n_iter", "1",
+             "--n_samples", "1", "--outdir", str(tmp_path / "again"), "--device", "cpu", "--no_safety_checker",
+             "--skip_grid"]
+    assert txt2img.main(again) == 0
+    assert np.array_equal(pixels(first), pixels(tmp_path / "again" / "samples" / "00000.png"))
+
+
+def test_schedule_and_noise_flags(tmp_path, tiny_checkpoint):
+    def draw(name, *extra):
+        assert txt2img.main(tiny_run(tmp_path / name, tiny_checkpoint, "--no_safety_checker", "--n_samples", "1",
+                                     "--skip_grid", *extra)) == 0
+        return tmp_path / name / "samples" / "00000.png"
+
+    karras = draw("karras", "--sampler", "euler", "--schedule", "karras")
+    assert np.array_equal(pixels(karras), pixels(draw("named", "--sampler", "Euler Karras")))
+    assert not np.array_equal(pixels(karras), pixels(draw("normal", "--sampler", "euler")))
+    calm = draw("calm", "--sampler", "Euler a", "--eta_ancestral", "0.5", "--s_noise", "0.9")
+    assert "Eta: 0.5" in Image.open(calm).text["parameters"]
+    assert not np.array_equal(pixels(calm), pixels(draw("default", "--sampler", "Euler a")))
+
+
+def test_the_original_flags_keep_their_samplers(tmp_path, tiny_checkpoint):
+    """--plms, --dpm_solver and the default DDIM are the CompVis samplers, also when named with --sampler."""
+    def draw(name, *extra):
+        assert txt2img.main(tiny_run(tmp_path / name, tiny_checkpoint, "--no_safety_checker", "--n_samples", "1",
+                                     "--skip_grid", "--fixed_code", *extra)) == 0
+        return pixels(tmp_path / name / "samples" / "00000.png")
+
+    assert np.array_equal(draw("plms", "--plms"), draw("plms-named", "--sampler", "PLMS"))
+    assert np.array_equal(draw("dpm", "--dpm_solver"), draw("dpm-named", "--sampler", "dpm_solver"))
+    assert np.array_equal(draw("ddim"), draw("ddim-named", "--sampler", "DDIM"))
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--sampler", "Eulr"], "--sampler must be one of DDIM, PLMS, DPM-Solver, Euler, Euler a,"),
+    (["--sampler", "Euler", "--schedule", "Karas"], "--schedule must be one of Normal, Karras, Exponential"),
+    (["--sampler", "Euler Karras", "--schedule", "exponential"], "--schedule 'Euler Karras' names the schedule Karras"),
+    (["--plms", "--schedule", "karras"], "--schedule PLMS has its own time grid"),
+    (["--sampler", "Euler a", "--plms"], "--sampler Euler a and --plms both choose a sampler"),
+    (["--sampler", "Euler", "--eta_ancestral", "0.5"],
+     "--eta_ancestral is for samplers that add noise; Euler adds none"),
+    (["--sampler", "Euler a", "--eta_ancestral", "1.5"], "--eta_ancestral must be between 0 and 1, got 1.5"),
+    (["--sampler", "Euler a", "--ddim_eta", "0.5"], "--ddim_eta must be 0 with Euler a"),
+    (["--s_noise", "1.1"], "--s_noise is for ancestral and SDE samplers, not DDIM"),
+])
+def test_bad_sampler_flags_are_one_line(change, message, tmp_path, tiny_checkpoint, capsys):
+    assert txt2img.main(tiny_run(tmp_path / "out", tiny_checkpoint, "--no_safety_checker", *change)) == 2
+    assert_one_error_line(capsys, message)
+    assert not (tmp_path / "out").exists()

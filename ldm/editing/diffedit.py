@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
+from ldm.models.diffusion.dpm_solver.sigma_samplers import SigmaSampler
+from ldm.models.diffusion.sampling_util import randn
 from ldm.util import ParameterError
 
 ENCODE_TYPES = ("stochastic", "deterministic")
@@ -55,19 +57,27 @@ def _repeat(cond: Any, n: int) -> Any:
 def edit_latent(sampler: DPMSolverSampler, init_latent: torch.Tensor, mask: torch.Tensor, src_cond: torch.Tensor,
                 dst_cond: torch.Tensor, uncond: torch.Tensor | None, encode_ratio: float = 0.6, steps: int = 20,
                 encode_type: str = "stochastic", scale: float = 7.5, generator: torch.Generator | None = None,
-                verbose: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                verbose: bool = False, decoder: SigmaSampler | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Steps 2 and 3 on latents: (B, C, h, w) in, edited latents and the latent after every step out.
 
     ``stochastic``: the background is the input re-noised to the current noise ratio at every step.
     ``deterministic``: it is the ODE-encoded trajectory of the input (encoded with ``steps`` steps under the
     guided source prompt), read backwards, point for point.
+    ``decoder``: a σ-space sampler to decode with instead of DPM-Solver++ (stochastic encoding only: the
+    deterministic one is DPM-Solver's own trajectory); it runs A1111's img2img grid for ``encode_ratio``.
     """
     if encode_type not in ENCODE_TYPES:
         raise ParameterError("encode_type", f"must be one of {', '.join(ENCODE_TYPES)}, got {encode_type!r}")
     if not 0.0 < encode_ratio <= 1.0:
         raise ParameterError("encode_ratio", f"must be in (0, 1], got {encode_ratio}")
+    if decoder is not None and encode_type != "stochastic":
+        raise ParameterError("sampler", f"{decoder.name} cannot decode a deterministic DiffEdit encoding, which "
+                                        "follows DPM-Solver's own trajectory back: use the stochastic encoding")
     batch = init_latent.shape[0]
     mask = mask.to(init_latent.device, init_latent.dtype)
+    if decoder is not None:
+        return _decode_with(decoder, sampler, init_latent, mask, _repeat(dst_cond, batch), _repeat(uncond, batch),
+                            encode_ratio, steps, scale, generator, verbose)
     if encode_type == "stochastic":
         x_T = sampler.stochastic_encode(init_latent, encode_ratio, generator=generator)
 
@@ -90,6 +100,23 @@ def edit_latent(sampler: DPMSolverSampler, init_latent: torch.Tensor, mask: torc
         steps, batch, tuple(init_latent.shape[1:]), conditioning=_repeat(dst_cond, batch),
         unconditional_guidance_scale=scale, unconditional_conditioning=_repeat(uncond, batch), x_T=x_T,
         strength=encode_ratio, lower_order_final=False, correct_latent=keep_background, log_every_t=1, verbose=verbose)
+    return samples, intermediates.x_inter
+
+
+def _decode_with(decoder: SigmaSampler, sampler: DPMSolverSampler, init_latent: torch.Tensor, mask: torch.Tensor,
+                 dst_cond: Any, uncond: Any, encode_ratio: float, steps: int, scale: float,
+                 generator: torch.Generator | None, verbose: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Step 3 with a σ-space sampler: x_0 + σ·noise at the start of the img2img grid, the background re-noised
+    to every step's ratio."""
+    grid = decoder.img2img_grid(steps, encode_ratio)
+    start = init_latent + grid[0] * randn(init_latent.shape, generator, init_latent.device, init_latent.dtype)
+
+    def keep_background(x: torch.Tensor, ratio: float, step: int) -> torch.Tensor:
+        background = sampler.stochastic_encode(init_latent, ratio, generator=generator) if ratio > 0 else init_latent
+        return x * mask + (1.0 - mask) * background
+
+    samples, intermediates = decoder.solve(start, grid, dst_cond, uncond, scale, generator, log_every_t=1,
+                                           verbose=verbose, correct_latent=keep_background)
     return samples, intermediates.x_inter
 
 

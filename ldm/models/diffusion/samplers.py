@@ -24,7 +24,7 @@ import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
-from ldm.models.diffusion.dpm_solver.sigma_samplers import SIGMA_METHODS, SigmaSampler
+from ldm.models.diffusion.dpm_solver.sigma_samplers import SIGMA_METHODS, SigmaSampler, noise_level
 from ldm.models.diffusion.dpm_solver.sigmas import SCHEDULE_ALIASES, SCHEDULE_LABELS, SCHEDULES
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampling_util import Intermediates, StepCallback
@@ -59,7 +59,8 @@ def _spelling(name: str) -> str:
 
 
 _SAMPLER_SPELLINGS = {_spelling(spelling): key for key, label in SAMPLER_LABELS.items() for spelling in (key, label)}
-_SCHEDULE_SPELLINGS = {**{_spelling(spelling): key for key, label in SCHEDULE_LABELS.items() for spelling in (key, label)},
+_SCHEDULE_SPELLINGS = {**{_spelling(spelling): key for key, label in SCHEDULE_LABELS.items()
+                          for spelling in (key, label)},
                        **{_spelling(alias): key for alias, key in SCHEDULE_ALIASES.items()}}
 
 
@@ -86,8 +87,9 @@ def resolve_sampler(name: str) -> tuple[str, str | None]:
                                     f"the name: 'DPM++ 2M Karras'), got {name!r}")
 
 
-def check_sampler(name: str, schedule: str | Sequence[float] | None = None) -> tuple[str, str | Sequence[float] | None]:
-    """The sampler key and schedule that ``make_sampler`` would use, checked without a model."""
+def check_sampler(name: str, schedule: str | Sequence[float] | None = None, *, eta_ancestral: float | None = None,
+                  s_noise: float = 1.0) -> tuple[str, str | Sequence[float] | None]:
+    """The sampler key and schedule that :func:`make_sampler` would use, all its arguments checked without a model."""
     key, named_schedule = resolve_sampler(name)
     if isinstance(schedule, str) or schedule is None:
         schedule = resolve_schedule(schedule)
@@ -98,20 +100,23 @@ def check_sampler(name: str, schedule: str | Sequence[float] | None = None) -> t
     if key in SAMPLERS and schedule is not None:
         raise ParameterError("schedule", f"{SAMPLER_LABELS[key]} has its own time grid; schedules are for "
                                          f"{', '.join(method.label for method in SIGMA_METHODS.values())}")
+    if key in SAMPLERS and (eta_ancestral is not None or s_noise != 1.0):
+        raise ParameterError("eta_ancestral" if eta_ancestral is not None else "s_noise",
+                             f"is for ancestral and SDE samplers, not {SAMPLER_LABELS[key]}")
+    if key in SIGMA_METHODS:
+        noise_level(SIGMA_METHODS[key], eta_ancestral, s_noise)
     return key, schedule
 
 
-def make_sampler(name: str, model, schedule: str | Sequence[float] | None = None, *, eta: float | None = None,
-                 s_noise: float = 1.0) -> Sampler:
+def make_sampler(name: str, model, schedule: str | Sequence[float] | None = None, *,
+                 eta_ancestral: float | None = None, s_noise: float = 1.0) -> Sampler:
     """A sampler for ``model`` by name (module docstring), on ``schedule`` (a :data:`SCHEDULES` name or an explicit
-    σ grid ending in 0; default: A1111's for that sampler). ``eta`` and ``s_noise``: the noise level and scale of
-    ancestral and SDE samplers (default 1)."""
-    key, schedule = check_sampler(name, schedule)
+    σ grid ending in 0; default: A1111's for that sampler). ``eta_ancestral`` and ``s_noise``: the noise level and
+    scale of ancestral and SDE samplers (default 1; :class:`SigmaSampler`)."""
+    key, schedule = check_sampler(name, schedule, eta_ancestral=eta_ancestral, s_noise=s_noise)
     if key in SAMPLERS:
-        if eta is not None or s_noise != 1.0:
-            raise ParameterError("eta", f"and s_noise are for ancestral and SDE samplers, not {SAMPLER_LABELS[key]}")
         return SAMPLERS[key](model)
-    return SigmaSampler(model, key, schedule, eta=eta, s_noise=s_noise)
+    return SigmaSampler(model, key, schedule, eta_ancestral=eta_ancestral, s_noise=s_noise)
 
 
 __all__ = ["SAMPLERS", "SAMPLER_LABELS", "SCHEDULES", "SIGMA_METHODS", "Sampler", "check_sampler", "make_sampler",

@@ -31,9 +31,10 @@ from numpy.polynomial import Polynomial
 from tqdm.auto import tqdm
 
 from ldm.models.diffusion.dpm_solver.dpm_solver import DPM_Solver, NoiseScheduleVE
+from ldm.models.diffusion.dpm_solver.sampler import LatentCorrection
 from ldm.models.diffusion.dpm_solver.sigmas import SCHEDULE_LABELS, SCHEDULES, DiscreteSigmas, discard_next_to_last
-from ldm.models.diffusion.sampling_util import (Intermediates, StepCallback, check_batch_size,
-                                                classifier_free_guidance, randn)
+from ldm.models.diffusion.sampling_util import (Intermediates, StepCallback, check_batch_size, classifier_free_guidance,
+                                                randn)
 from ldm.util import ParameterError
 
 NoiseSource = Callable[[float, float], torch.Tensor]
@@ -336,17 +337,32 @@ SIGMA_METHODS: dict[str, SigmaMethod] = {
 MODEL_OUTPUTS = ("eps", "v")
 
 
+def noise_level(method: SigmaMethod, eta_ancestral: float | None, s_noise: float) -> float:
+    """The η a method runs with (1 by default where it adds noise, else 0), after checking both options."""
+    if method.noise == "none" and (eta_ancestral or s_noise != 1.0):
+        raise ParameterError("eta_ancestral" if eta_ancestral else "s_noise",
+                             f"is for samplers that add noise; {method.label} adds none")
+    eta = (0.0 if method.noise == "none" else 1.0) if eta_ancestral is None else eta_ancestral
+    if not 0 <= eta <= 1:
+        raise ParameterError("eta_ancestral", f"must be between 0 and 1, got {eta}")
+    if not 0 <= s_noise <= 2:
+        raise ParameterError("s_noise", f"must be between 0 and 2, got {s_noise}")
+    return eta
+
+
 class SigmaSampler:
     """A :data:`SIGMA_METHODS` sampler for a LatentDiffusion ``model``, with the CompVis ``sample``/``img2img``
     interface of :mod:`ldm.models.diffusion.samplers`.
 
     ``schedule``: a :data:`~.sigmas.SCHEDULES` name (default: A1111's for the method) or an explicit grid of
-    decreasing noise levels ending in 0 (then S must be its number of steps). ``eta`` (default 1; only for samplers
-    that draw noise) and ``s_noise`` scale the ancestral/SDE noise; the noise comes from the run's generator.
+    decreasing noise levels ending in 0 (then S must be its number of steps). ``eta_ancestral`` η (default 1; only for
+    samplers that draw noise: the ancestral split, or the SDE's noise level) and ``s_noise`` (a factor on that noise)
+    are A1111's; the noise comes from the run's generator. The per-call ``eta`` of the protocol is DDIM's and must
+    be 0 here.
     """
 
-    def __init__(self, model, method: str, schedule: str | Sequence[float] | None = None, eta: float | None = None,
-                 s_noise: float = 1.0):
+    def __init__(self, model, method: str, schedule: str | Sequence[float] | None = None,
+                 eta_ancestral: float | None = None, s_noise: float = 1.0):
         if model.parameterization not in MODEL_OUTPUTS:
             raise ParameterError("sampler", f"σ-space samplers need an eps- or v-prediction model, not "
                                             f"{model.parameterization!r}")
@@ -354,12 +370,7 @@ class SigmaSampler:
         self.schedule = self.method.schedule if schedule is None else schedule
         if isinstance(self.schedule, str) and self.schedule not in SCHEDULES:
             raise ParameterError("schedule", f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.method.noise == "none" and eta:
-            raise ParameterError("eta", f"is for samplers that add noise; {self.method.label} adds none")
-        self.eta = (0.0 if self.method.noise == "none" else 1.0) if eta is None else eta
-        if not 0 <= self.eta <= 1 or s_noise < 0:
-            raise ParameterError("eta" if s_noise >= 0 else "s_noise", "must be in [0, 1] (η) and ≥ 0 (s_noise)")
-        self.s_noise = s_noise
+        self.eta, self.s_noise = noise_level(self.method, eta_ancestral, s_noise), s_noise
         self.sigmas = DiscreteSigmas(model.alphas_cumprod)
         label = SCHEDULE_LABELS.get(self.schedule, "custom") if isinstance(self.schedule, str) else "custom"
         self.schedule_label = label
@@ -377,6 +388,12 @@ class SigmaSampler:
         discard = self.method.discard_next_to_last_sigma and steps > 1
         grid = SCHEDULES[self.schedule](steps + discard, self.sigmas)
         return discard_next_to_last(grid) if discard else grid
+
+    def img2img_grid(self, steps: int, strength: float) -> list[float]:
+        """A1111's img2img grid: the last int(min(strength, 0.999)·S) + 1 steps of the S-step grid."""
+        if not 0.0 <= strength <= 1.0:
+            raise ParameterError("strength", f"must be between 0 and 1, got {strength}")
+        return self.grid(steps)[steps - int(min(strength, 0.999) * steps) - 1:]
 
     def model_calls(self, steps: int) -> int:
         """Model calls of ``steps`` steps (second-order steps cost two, except the last one, to σ = 0)."""
@@ -406,12 +423,18 @@ class SigmaSampler:
     def solve(self, x: torch.Tensor, grid: Sequence[float], conditioning: Any = None,
               unconditional_conditioning: Any = None, unconditional_guidance_scale: float = 1.0,
               generator: torch.Generator | None = None, callback: StepCallback | None = None, log_every_t: int = 100,
-              verbose: bool = False, noise: NoiseSource | None = None) -> tuple[torch.Tensor, Intermediates]:
+              verbose: bool = False, noise: NoiseSource | None = None,
+              correct_latent: LatentCorrection | None = None) -> tuple[torch.Tensor, Intermediates]:
         """Run the algorithm on the VE latent x at σ = grid[0] down the grid; returns x at grid[−1].
 
         ``noise``: where ancestral and SDE steps get their noise (default: the method's, from ``generator``).
+        ``correct_latent(x, ratio, step)``: as for DPM-Solver, on the VP latent at the noise ratio t(σ)/(N − 1).
         """
         hook = _StepHook(len(grid) - 1, Intermediates(log_every_t=log_every_t), callback, verbose)
+        if correct_latent is not None:
+            hook.correct = lambda latent, sigma, step: correct_latent(
+                latent, self.sigmas.timestep(sigma) / (len(self.sigmas) - 1) if sigma > 0 else 0.0, step)
+            x = hook.corrected(x, grid[0], 0)
         solver = DPM_Solver(self._noise_prediction(conditioning, unconditional_conditioning,
                                                    unconditional_guidance_scale),
                             NoiseScheduleVE(), algorithm_type="dpmsolver++", sde_eta=self.eta if self.method.sde else 0)
@@ -444,10 +467,7 @@ class SigmaSampler:
                 callback: StepCallback | None = None, verbose: bool = True) -> torch.Tensor:
         """A1111's img2img: the last int(min(strength, 0.999)·S) + 1 steps of the S-step grid, from x_0 + σ·noise."""
         _check_ddim_eta(eta)
-        if not 0.0 <= strength <= 1.0:
-            raise ParameterError("strength", f"must be between 0 and 1, got {strength}")
-        grid = self.grid(S)
-        tail = grid[S - int(min(strength, 0.999) * S) - 1:]
+        tail = self.img2img_grid(S, strength)
         if noise is None:
             noise = randn(init_latent.shape, generator, init_latent.device, init_latent.dtype)
         samples, _ = self.solve(init_latent + tail[0] * noise, tail, conditioning, unconditional_conditioning,
@@ -461,7 +481,7 @@ def _no_noise(sigma: float, sigma_next: float) -> torch.Tensor:
 
 def _check_ddim_eta(eta: float) -> None:
     if eta:
-        raise ParameterError("eta", "is DDIM's η; σ-space samplers take their noise level (eta) when made")
+        raise ParameterError("eta", "is DDIM's η; σ-space samplers take their noise level as eta_ancestral")
 
 
 class _StepHook:
@@ -472,7 +492,16 @@ class _StepHook:
         self.progress = tqdm(total=steps, desc="Sampling", disable=not verbose, leave=False, unit="step")
         self.solver: DPM_Solver | None = None
 
+    correct: Callable[[torch.Tensor, float, int], torch.Tensor] | None = None
+
+    def corrected(self, x: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
+        """x after ``correct`` (on the VP latent), back in VE form."""
+        scale = math.sqrt(1.0 + sigma ** 2)
+        return self.correct(x / scale, sigma, step) * scale
+
     def __call__(self, step: int, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        if self.correct is not None:
+            x = self.corrected(x, sigma, step + 1)
         latent = x / math.sqrt(1.0 + sigma ** 2)
         pred_x0 = self.solver.latest_data_prediction()
         if self.callback is not None:
