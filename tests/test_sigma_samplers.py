@@ -69,6 +69,9 @@ DIFFUSERS_TWINS = [
      False),
     ("dpmpp_2m_sde", diffusers.DPMSolverMultistepScheduler,
      dict(timestep_spacing="linspace", final_sigmas_type="zero", algorithm_type="sde-dpmsolver++"), True),
+    ("dpmpp_2m_sde_heun", diffusers.DPMSolverMultistepScheduler,
+     dict(timestep_spacing="linspace", final_sigmas_type="zero", algorithm_type="sde-dpmsolver++", solver_type="heun"),
+     True),
     ("uni_pc_bh2", diffusers.UniPCMultistepScheduler,
      dict(timestep_spacing="linspace", final_sigmas_type="zero", solver_type="bh2", solver_order=3), False),
     # diffusers' bh1 multiplies B(h) = −∞ by 0 in a last step to σ = 0: compared on its σ_min ending instead

@@ -322,9 +322,6 @@ class DPM_Solver:
             self._marginals_at[t] = Marginals(log_alpha, log_sigma, log_alpha - log_sigma)
         return self._marginals_at[t]
 
-    def _lambda(self, t: float) -> float:
-        return self._marginals(t).lamb
-
     def lambda_at(self, t: float) -> float:
         """λ_t = log α_t − log σ_t at one time."""
         return self._marginals(t).lamb
@@ -402,7 +399,7 @@ class DPM_Solver:
         x_t = (a_t/a_s)·x_s − b_t·φ_1(ĥ)·M_s − b_t·[φ_1(ĥ)/(2·r1) | φ_2(ĥ)/r1]·D  (dpmsolver | taylor).
         Returns x_t and M(u, s_1).
         """
-        s1 = self._time_at(self._lambda(s) + r1 * (self._lambda(t) - self._lambda(s)))
+        s1 = self._time_at(self.lambda_at(s) + r1 * (self.lambda_at(t) - self.lambda_at(s)))
         c1 = self._coefficients(s, s1)
         model_s1 = self.evaluate(c1.ratio * x - c1.b_t * phi_1(c1.h_signed) * model_s, s1)
         c = self._coefficients(s, t)
@@ -422,8 +419,8 @@ class DPM_Solver:
         x_t = (a_t/a_s)·x_s − b_t·(φ_1(ĥ)·M_s + φ_2(ĥ)·D1 + φ_3(ĥ)·D2).
         ``model_s1`` may be given (the adaptive solver has it already). Returns x_t and M(u_2, s_2).
         """
-        lambda_s = self._lambda(s)
-        h = self._lambda(t) - lambda_s
+        lambda_s = self.lambda_at(s)
+        h = self.lambda_at(t) - lambda_s
         s1, s2 = self._time_at(lambda_s + r1 * h), self._time_at(lambda_s + r2 * h)
         if model_s1 is None:
             c1 = self._coefficients(s, s1)
@@ -448,8 +445,8 @@ class DPM_Solver:
         With h_0 = λ_{prev0} − λ_{prev1}, r0 = h_0/h and D1 = (M_{prev0} − M_{prev1})/r0:
         x_t = (a_t/a_{prev0})·x − b_t·φ_1(ĥ)·M_{prev0} − b_t·[φ_1(ĥ)/2 | φ_2(ĥ)]·D1  (dpmsolver | taylor).
         """
-        lambda_1, lambda_0 = self._lambda(t_prev[-2]), self._lambda(t_prev[-1])
-        r0 = (lambda_0 - lambda_1) / (self._lambda(t) - lambda_0)
+        lambda_1, lambda_0 = self.lambda_at(t_prev[-2]), self.lambda_at(t_prev[-1])
+        r0 = (lambda_0 - lambda_1) / (self.lambda_at(t) - lambda_0)
         d1 = (model_prev[-1] - model_prev[-2]) / r0
         c = self._coefficients(t_prev[-1], t)
         second = 0.5 * phi_1(c.h_signed) if solver_type == "dpmsolver" else phi_2(c.h_signed)
@@ -468,8 +465,8 @@ class DPM_Solver:
         D1 = D1_0 + r0/(r0 + r1)·(D1_0 − D1_1), D2 = (D1_0 − D1_1)/(r0 + r1);
         x_t = (a_t/a_{prev0})·x − b_t·(φ_1(ĥ)·M_0 + φ_2(ĥ)·D1 + φ_3(ĥ)·D2).
         """
-        lambda_2, lambda_1, lambda_0 = (self._lambda(s) for s in t_prev[-3:])
-        h = self._lambda(t) - lambda_0
+        lambda_2, lambda_1, lambda_0 = (self.lambda_at(s) for s in t_prev[-3:])
+        h = self.lambda_at(t) - lambda_0
         r0, r1 = (lambda_0 - lambda_1) / h, (lambda_1 - lambda_2) / h
         d1_0 = (model_prev[-1] - model_prev[-2]) / r0
         d1_1 = (model_prev[-2] - model_prev[-3]) / r1
@@ -485,7 +482,7 @@ class DPM_Solver:
         """N + 1 times from t_T to t_0: uniform in t, in λ (``logSNR``), or in √t (``time_quadratic``)."""
         _check_choice("skip_type", skip_type, SKIP_TYPES)
         if skip_type == "logSNR":
-            lambdas = torch.linspace(self._lambda(t_T), self._lambda(t_0), N + 1, dtype=torch.float64)
+            lambdas = torch.linspace(self.lambda_at(t_T), self.lambda_at(t_0), N + 1, dtype=torch.float64)
             times = self.noise_schedule.inverse_lambda(lambdas)
         elif skip_type == "time_uniform":
             times = torch.linspace(t_T, t_0, N + 1, dtype=torch.float64)
@@ -609,7 +606,7 @@ class DPM_Solver:
         bar = tqdm(orders, desc="DPM-Solver", disable=not progress, leave=False, unit="step")
         for step, step_order in enumerate(bar, start=1):
             s, t = outer[step - 1], outer[step]
-            inner = [self._lambda(u) for u in self.get_time_steps(skip_type, s, t, step_order)]
+            inner = [self.lambda_at(u) for u in self.get_time_steps(skip_type, s, t, step_order)]
             ratios = [(lamb - inner[0]) / (inner[-1] - inner[0]) for lamb in inner[1:-1]]
             x = self._single_updates[step_order](x, s, t, self.evaluate(x, s), ratios, solver_type)
             x = after_step(x, t, step)
@@ -623,7 +620,7 @@ class DPM_Solver:
         the next h is θ·h·E^(−1/k). Each accepted or rejected trial costs k model calls."""
         if order == 1:
             raise ValueError("the adaptive solver needs order 2 or 3 (it compares order k with k − 1)")
-        lambda_s, lambda_0 = self._lambda(t_T), self._lambda(t_0)
+        lambda_s, lambda_0 = self.lambda_at(t_T), self.lambda_at(t_0)
         s, h, x_prev = t_T, h_init, x
         while abs(s - t_0) > t_err:
             t = self._time_at(lambda_s + h)
@@ -639,7 +636,7 @@ class DPM_Solver:
             delta = torch.maximum(torch.full_like(x_lower, atol), rtol * torch.maximum(x_lower.abs(), x_prev.abs()))
             error = ((x_higher - x_lower) / delta).reshape(x.shape[0], -1).pow(2).mean(dim=1).sqrt().max().item()
             if error <= 1.0:
-                x, s, x_prev, lambda_s = x_higher, t, x_lower, self._lambda(t)
+                x, s, x_prev, lambda_s = x_higher, t, x_lower, self.lambda_at(t)
             h = min(theta * h * max(error, 1e-12) ** (-1.0 / order), lambda_0 - lambda_s)
         logger.debug("adaptive DPM-Solver used %d model evaluations", self.nfe)
         return x

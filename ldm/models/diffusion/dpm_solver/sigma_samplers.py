@@ -325,6 +325,8 @@ SIGMA_METHODS: dict[str, SigmaMethod] = {
     "dpmpp_sde": SigmaMethod("DPM++ SDE", dpmpp_sde, "karras", noise="brownian", calls_per_step=2),
     "dpmpp_2m_sde": SigmaMethod("DPM++ 2M SDE", partial(multistep, order=2, solver_type="dpmsolver"),
                                 "exponential", noise="brownian", sde=True),
+    "dpmpp_2m_sde_heun": SigmaMethod("DPM++ 2M SDE Heun", partial(multistep, order=2, solver_type="taylor"),
+                                     "exponential", noise="brownian", sde=True),
     "dpmpp_3m_sde": SigmaMethod("DPM++ 3M SDE", partial(multistep, order=3, solver_type="taylor"), "exponential",
                                 noise="brownian", sde=True, discard_next_to_last_sigma=True),
     "lms": SigmaMethod("LMS", lms, "normal"),
@@ -372,9 +374,9 @@ class SigmaSampler:
             raise ParameterError("schedule", f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         self.eta, self.s_noise = noise_level(self.method, eta_ancestral, s_noise), s_noise
         self.sigmas = DiscreteSigmas(model.alphas_cumprod)
-        label = SCHEDULE_LABELS.get(self.schedule, "custom") if isinstance(self.schedule, str) else "custom"
-        self.schedule_label = label
-        self.name = self.method.label if self.schedule == "normal" else f"{self.method.label} {label}"
+        self.schedule_label = SCHEDULE_LABELS[self.schedule] if isinstance(self.schedule, str) else "custom"
+        # A1111's old-style name: the schedule follows unless it is the normal one
+        self.name = self.method.label + ("" if self.schedule == "normal" else f" {self.schedule_label}")
 
     def grid(self, steps: int) -> list[float]:
         """The σ grid of ``steps`` steps, from σ_max to 0."""
@@ -396,8 +398,10 @@ class SigmaSampler:
         return self.grid(steps)[steps - int(min(strength, 0.999) * steps) - 1:]
 
     def model_calls(self, steps: int) -> int:
-        """Model calls of ``steps`` steps (second-order steps cost two, except the last one, to σ = 0)."""
-        return steps if self.method.calls_per_step == 1 else 2 * steps - 1
+        """Model calls of ``steps`` steps (second-order steps cost two, except a last one to σ = 0)."""
+        if self.method.calls_per_step == 1:
+            return steps
+        return 2 * steps - (self.grid(steps)[-1] == 0)
 
     def _noise_prediction(self, conditioning: Any, unconditional_conditioning: Any, scale: float
                           ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -405,9 +409,8 @@ class SigmaSampler:
         def noise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             scale_in = (1.0 + sigma ** 2).rsqrt().to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
             x_in = x * scale_in
-            out = classifier_free_guidance(lambda x_, t_, c_: self.model.apply_model(x_, t_, c_), x_in,
-                                           self.sigmas.timesteps(sigma), conditioning, unconditional_conditioning,
-                                           scale)
+            out = classifier_free_guidance(self.model.apply_model, x_in, self.sigmas.timesteps(sigma), conditioning,
+                                           unconditional_conditioning, scale)
             if self.model.parameterization == "v":  # ε = α·v + σ_VP·x_VP with α = scale_in, σ_VP = σ·α
                 return scale_in * out + sigma.to(x.dtype).view_as(scale_in) * scale_in * x_in
             return out
