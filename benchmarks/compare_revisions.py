@@ -75,6 +75,9 @@ def main() -> None:
     parser.add_argument("revision", help="the git revision to compare this working tree with")
     parser.add_argument("--out", type=Path, default=None, help="keep the pictures here (default: a temporary dir)")
     args = parser.parse_args()
+    if args.out is not None and args.out.exists() and any(args.out.iterdir()):
+        # the scripts number new files on from old ones, so old pictures would be compared instead of the new
+        parser.error(f"--out {args.out} is not empty")
     with tempfile.TemporaryDirectory() as scratch:
         out = args.out or Path(scratch)
         baseline = Path(scratch) / "baseline"

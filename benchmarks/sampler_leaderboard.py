@@ -110,7 +110,7 @@ def analytic(seed: int, draws: int) -> tuple[dict, dict]:
 
 @torch.no_grad()
 def demo(config: Path, ckpt: Path, seed: int, count: int) -> tuple[dict, dict, dict]:
-    """Distances to the converged pictures, adherence, and the references' adherence."""
+    """Distances to the converged pictures, adherence, and the references' adherence (and their ``distance``)."""
     from ldm.data.shapes import held_out_scenes, score
     from ldm.generation import decode_images
     from ldm.models.loading import load_model
@@ -137,7 +137,9 @@ def demo(config: Path, ckpt: Path, seed: int, count: int) -> tuple[dict, dict, d
             adherence[label][calls] = score(picture, scenes)
             if not is_stochastic(name):
                 distances.setdefault(label, {})[calls] = float((picture - reference).pow(2).mean().sqrt())
-    return distances, adherence, {key: score(value, scenes) for key, value in references.items()}
+    scores = {key: score(value, scenes) for key, value in references.items()}
+    scores["distance"] = float((references["compvis"] - references["sigma"]).pow(2).mean().sqrt())
+    return distances, adherence, scores
 
 
 def table(values: dict, cell) -> str:
@@ -199,6 +201,7 @@ def main() -> None:
     else:
         distances, adherence, references = demo(args.config, args.ckpt, args.seed, args.count)
         print("RMS pixel distance to the converged picture:\n" + table(distances, lambda v: f"{v:.1e}"))
+        print(f"(the two references are {references.pop('distance'):.1e} apart)")
         shown = ", ".join(f"{key} {s['colour']:.2f} / {s['shape']:.2f} / {s['position']:.2f}"
                           for key, s in references.items())
         print(f"\nadherence colour / shape / position (references: {shown}):")
