@@ -386,8 +386,8 @@ def sampler_name(args: argparse.Namespace) -> str:
     return "dpm_solver" if args.dpm_solver else "plms" if args.plms else "ddim"
 
 
-def check_sampler_flags(args: argparse.Namespace) -> str:
-    """--sampler with its --schedule, --eta_ancestral, --s_noise and --ddim_eta; returns the sampler's key."""
+def check_sampler_flags(args: argparse.Namespace) -> None:
+    """--sampler with its --schedule, --eta_ancestral, --s_noise and --ddim_eta."""
     if args.sampler is not None and (args.plms or args.dpm_solver):
         raise InputError(f"--sampler {args.sampler} and {'--dpm_solver' if args.dpm_solver else '--plms'} both "
                          "choose a sampler: give one")
@@ -398,7 +398,6 @@ def check_sampler_flags(args: argparse.Namespace) -> str:
                          "and SDE samplers take --eta_ancestral)")
     if key == "dpm_solver" and args.ddim_steps < 2:
         raise InputError(f"--ddim_steps must be at least 2 for DPM-Solver++(2M), got {args.ddim_steps}")
-    return key
 
 
 def check_values(args: argparse.Namespace) -> None:
