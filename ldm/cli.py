@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ldm.generation import (DEVICES, PRECISIONS, Generated, Pipeline, activation_bytes, available_bytes, open_image,
                             resolve_device, resolve_precision)
-from ldm.models.acceleration import Acceleration
+from ldm.models.acceleration import BACKENDS, Acceleration
 from ldm.models.diffusion.samplers import SAMPLERS, check_sampler, resolve_sampler, resolve_schedule
 from ldm.models.lora import find_lora, take_lora_tags
 from ldm.modules.encoders.modules import EMPHASIS_MODES
@@ -45,7 +45,7 @@ PARAMETER_FLAGS = {
     "images": "--init-img", "encode_ratio": "--encode_ratio", "encode_type": "--encode_type",
     "n_samples": "--n_samples", "noise": "--fixed_code", "x_T": "--fixed_code", "outdir": "--outdir",
     "clip_skip": "--clip_skip", "emphasis": "--emphasis", "sampler": "--sampler", "schedule": "--schedule",
-    "eta_ancestral": "--eta_ancestral", "s_noise": "--s_noise",
+    "eta_ancestral": "--eta_ancestral", "s_noise": "--s_noise", "backend": "--backend",
 }
 # What the command line adds to a parameter's message.
 FLAG_HINTS = {"safety_checker": "with --no_safety_checker"}
@@ -229,6 +229,9 @@ def add_extra_arguments(parser: ScriptParser) -> None:
     speed.add_argument("--pad_cond_uncond", action="store_true",
                        help="a prompt and negative prompt of different lengths: pad the shorter with empty chunks "
                             "and guide in one batch (faster, slightly different) instead of two UNet calls")
+    speed.add_argument("--backend", type=str, choices=BACKENDS, default="torch",
+                       help="the engine of the UNet: torch, or openvino (CPU; converted once, cached in "
+                            "~/.cache/ldm/openvino)")
     speed.add_argument("--winograd", action=argparse.BooleanOptionalAction, default=True,
                        help="CPU, float32: wide 3×3 convolutions by Winograd F(2×2, 3×3), faster but holding "
                             "transformed kernels (+3.7 GB for SD v1)")
@@ -237,7 +240,7 @@ def add_extra_arguments(parser: ScriptParser) -> None:
 def acceleration_from_args(args: argparse.Namespace) -> Acceleration:
     """The speed flags (without --cuda_graph / --no-cuda_graph: on where there is CUDA)."""
     return Acceleration(compile=args.compile, cuda_graph=args.cuda_graph, attention_slicing=args.attention_slicing,
-                        vae_slicing=args.vae_slicing, winograd=args.winograd)
+                        vae_slicing=args.vae_slicing, winograd=args.winograd, backend=args.backend)
 
 
 def pipeline_from_args(args: argparse.Namespace, config: DictConfig, sampler: str, size: str) -> Pipeline:

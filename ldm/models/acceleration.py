@@ -7,6 +7,8 @@
   ``TORCHINDUCTOR_CACHE_DIR`` says otherwise, so a second run loads the compiled kernels instead of compiling.
 * ``attention_slicing``: attention over at most that many query tokens at a time (less memory on small cards).
 * ``vae_slicing``: decode one image at a time (see :func:`ldm.generation.decode_images`).
+* ``backend``: ``torch``, or ``openvino`` for the UNet on OpenVINO's CPU plugin (:mod:`ldm.models.openvino_engine`;
+  converted from our module once, cached on disk).
 * ``winograd`` (on by default): in float32 CPU inference the wide 3×3 convolutions compute by Winograd's
   F(2×2, 3×3) (:mod:`ldm.modules.winograd`), and the UNet's weights are kept channels_last to match its
   results; the transformed kernels take 16/9 the memory of those weights (3.7 GB more for the SD v1 UNet in
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ldm.models.openvino_engine import PRECISION_HINTS, OpenVINOUNet, openvino_available
 from ldm.modules.attention import set_attention_slicing
 from ldm.modules.winograd import set_winograd
 from ldm.util import ParameterError
@@ -28,6 +31,7 @@ from ldm.util import ParameterError
 logger = logging.getLogger(__name__)
 
 COMPILE_CACHE = Path.home() / ".cache" / "ldm" / "torchinductor"
+BACKENDS = ("torch", "openvino")
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class Acceleration:
     attention_slicing: int = 0  # query tokens per attention call; 0: all at once
     vae_slicing: bool = False
     winograd: bool = True
+    backend: str = "torch"
 
     def for_device(self, device: torch.device) -> "Acceleration":
         """These options checked for ``device``, with ``cuda_graph`` decided."""
@@ -47,6 +52,14 @@ class Acceleration:
             raise ParameterError("cuda_graph", f"needs a CUDA device; this run uses {device.type}")
         if self.compile and not torch._dynamo.is_dynamo_supported():
             raise ParameterError("compile", "needs torch.compile, which does not support this Python version")
+        if self.backend not in BACKENDS:
+            raise ParameterError("backend", f"must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "openvino" and (device.type != "cpu" or not openvino_available()):
+            raise ParameterError("backend", "openvino runs on the CPU and needs the openvino package"
+                                 if openvino_available() else "openvino needs the openvino package (pip install "
+                                 "openvino, as pinned in requirements.txt)")
+        if self.backend == "openvino" and (self.compile or cuda_graph):
+            raise ParameterError("backend", "openvino does not combine with --compile or CUDA graphs")
         if self.attention_slicing < 0:
             raise ParameterError("attention_slicing", "must be 0 (off) or a positive number of tokens, "
                                  f"got {self.attention_slicing}")
@@ -63,6 +76,13 @@ def accelerate(model: nn.Module, acceleration: Acceleration) -> None:
         # Winograd's results come channels_last; with the UNet's other convolutions channels_last as well, no layer
         # reorders its input (a UNet step at 512×512 measured 7 % faster, 4 of 4 alternating runs).
         wrapper.diffusion_model.to(memory_format=torch.channels_last)
+    if acceleration.backend == "openvino":
+        unet = wrapper.diffusion_model.to(memory_format=torch.contiguous_format)
+        precision = PRECISION_HINTS.get(next(unet.parameters()).dtype)
+        if precision is None:
+            raise ParameterError("backend", "openvino runs float32 or bfloat16 weights (--precision full or bf16)")
+        wrapper.diffusion_model = OpenVINOUNet(unet, precision)
+        return
     if acceleration.compile:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
         if acceleration.cuda_graph:
