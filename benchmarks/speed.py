@@ -250,14 +250,15 @@ def variants(args: argparse.Namespace) -> Iterator[Variant]:
 def accelerated(model: torch.nn.Module, theirs: SimpleNamespace, variant: Variant) -> Iterator[None]:
     """Our model set up as the scripts set it up for ``variant``, diffusers' UNet compiled as it says, for the
     duration."""
-    ours, reference = model.model.diffusion_model, theirs.unet
+    reference = theirs.unet
     accelerate(model, variant.ours)
     if variant.their_compile_mode is not None:
         theirs.unet = torch.compile(reference, mode=variant.their_compile_mode)
     try:
         yield
     finally:
-        model.model.diffusion_model, theirs.unet = ours, reference
+        model.model.set_engine(None)
+        theirs.unet = reference
         torch._dynamo.reset()
 
 

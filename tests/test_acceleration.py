@@ -90,7 +90,7 @@ def test_compiled_cuda_graph_outputs_are_copies(one_level_model, tmp_path, monke
     with torch.no_grad():
         eager = model.apply_model(x, t, context)
         accelerate(model, Acceleration(compile=True, cuda_graph=True))
-        assert isinstance(model.model.diffusion_model, CompiledCUDAGraphUNet)
+        assert isinstance(model.model.engine, CompiledCUDAGraphUNet)
         first = model.apply_model(x, t, context)
         second = model.apply_model(x, t, context)
     torch._dynamo.reset()

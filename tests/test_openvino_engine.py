@@ -1,6 +1,8 @@
 """The UNet on OpenVINO: the same numbers as our torch module (f32 to 1e-5, bf16 to its stated bound), the disk
 cache used on the second run and rebuilt when damaged, and the --backend flag end to end."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -88,3 +90,25 @@ def test_openvino_with_compile_is_one_line(tmp_path, tiny_checkpoint, capsys):
             "--device", "cpu", "--backend", "openvino", "--compile"]
     assert txt2img.main(argv) == 2
     assert_one_error_line(capsys, "--backend openvino does not combine with --compile")
+
+
+def test_lora_merges_reach_the_engine(tiny_model, tmp_path, monkeypatch):
+    """The engine is not a submodule: the state dict keeps the UNet's names (so LoRA finds its layers), and weights
+    changed in place after compiling are converted anew, not served stale."""
+    from ldm.models.acceleration import Acceleration, accelerate
+    from ldm.models.lora import layer_names
+
+    monkeypatch.setenv("LDM_OPENVINO_CACHE", str(tmp_path))
+    model = copy.deepcopy(tiny_model)
+    names = layer_names(model)
+    accelerate(model, Acceleration(cuda_graph=False, backend="openvino"))
+    assert layer_names(model) == names and set(model.state_dict()) == set(tiny_model.state_dict())
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        before = model.model(x, t, c_crossattn=[c])
+        weight = model.model.diffusion_model.out[-1].weight
+        weight.mul_(2.0)
+        after = model.model(x, t, c_crossattn=[c])
+        expected = model.model.diffusion_model(x, t, context=c)
+    assert not torch.allclose(before, after)
+    assert relative_difference(after, expected) < 1e-5

@@ -68,7 +68,7 @@ class Acceleration:
 
 def accelerate(model: nn.Module, acceleration: Acceleration) -> None:
     """Apply ``acceleration`` (checked by :meth:`Acceleration.for_device`) to a loaded LatentDiffusion in place
-    (its UNet is wrapped, its weights shared)."""
+    (its UNet runs through an engine that shares its weights: :meth:`DiffusionWrapper.set_engine`)."""
     set_attention_slicing(model, acceleration.attention_slicing)
     set_winograd(model, acceleration.winograd)
     wrapper = model.model
@@ -81,16 +81,16 @@ def accelerate(model: nn.Module, acceleration: Acceleration) -> None:
         precision = PRECISION_HINTS.get(next(unet.parameters()).dtype)
         if precision is None:
             raise ParameterError("backend", "openvino runs float32 or bfloat16 weights (--precision full or bf16)")
-        wrapper.diffusion_model = OpenVINOUNet(unet, precision)
+        wrapper.set_engine(OpenVINOUNet(unet, precision))
         return
     if acceleration.compile:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
         if acceleration.cuda_graph:
-            wrapper.diffusion_model = CompiledCUDAGraphUNet(wrapper.diffusion_model)
+            wrapper.set_engine(CompiledCUDAGraphUNet(wrapper.diffusion_model))
         else:
-            wrapper.diffusion_model = torch.compile(wrapper.diffusion_model, dynamic=False)
+            wrapper.set_engine(torch.compile(wrapper.diffusion_model, dynamic=False))
     elif acceleration.cuda_graph:
-        wrapper.diffusion_model = CUDAGraphUNet(wrapper.diffusion_model)
+        wrapper.set_engine(CUDAGraphUNet(wrapper.diffusion_model))
 
 
 class CUDAGraphUNet(nn.Module):

@@ -65,11 +65,16 @@ class OpenVINOUNet(nn.Module):
         self.version = openvino.__version__
         self.compiled: dict[tuple, object] = {}
         self._weights: str | None = None
+        self._version: int | None = None  # the parameters' in-place modification count when last compiled
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None
                 ) -> torch.Tensor:
         if torch.is_grad_enabled():
             return self.unet(x, timesteps, context)
+        version = sum(parameter._version for parameter in self.unet.parameters())
+        if version != self._version:  # weights changed in place (a LoRA merged or restored): convert anew
+            self.compiled.clear()
+            self._weights, self._version = None, version
         inputs = [x.float(), timesteps.float().expand(x.shape[0])] + ([] if context is None else [context.float()])
         key = tuple(tuple(tensor.shape) for tensor in inputs)
         if key not in self.compiled:

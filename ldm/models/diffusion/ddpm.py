@@ -11,7 +11,7 @@ out of this module.
 
 import contextlib
 import logging
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -37,13 +37,21 @@ class DiffusionWrapper(nn.Module):
             raise ValueError(f"conditioning_key must be one of {CONDITIONING_KEYS}, got {conditioning_key!r}")
         self.diffusion_model = instantiate_from_config(diff_model_config)
         self.conditioning_key = conditioning_key
+        self.engine = None
+
+    def set_engine(self, engine: Callable | None) -> None:
+        """Run the UNet through ``engine`` (a compiled, graph-replayed or converted form of ``diffusion_model``
+        that reads its weights), or plainly again with None. The engine is not a submodule, so the state dict keeps
+        the UNet's own names: LoRA merges, EMA copies and checkpoints see the same weights with or without one."""
+        object.__setattr__(self, "engine", engine)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: Sequence[torch.Tensor] | None = None,
                 c_crossattn: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         if self.conditioning_key in ("concat", "hybrid"):
             x = torch.cat([x, *c_concat], dim=1)
         context = torch.cat(list(c_crossattn), dim=1) if self.conditioning_key in ("crossattn", "hybrid") else None
-        return self.diffusion_model(x, t, context=context)
+        unet = self.diffusion_model if self.engine is None else self.engine
+        return unet(x, t, context=context)
 
 
 class DDPM(nn.Module):

@@ -161,8 +161,6 @@ class NoiseScheduleVE:
     Everything is float arithmetic on the host.
     """
 
-    schedule = "sigma"
-
     @staticmethod
     def log_coefficients(sigma: float) -> tuple[float, float]:
         """(log α, log σ) = (0, log σ)."""
