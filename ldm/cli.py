@@ -226,12 +226,15 @@ def add_extra_arguments(parser: ScriptParser) -> None:
     speed.add_argument("--attention_slicing", type=int, default=0, metavar="TOKENS",
                        help="attend over at most this many query tokens at a time (0: off); for small cards")
     speed.add_argument("--vae_slicing", action="store_true", help="decode one image at a time; for small cards")
+    speed.add_argument("--vae_tiling", action="store_true",
+                       help="decode large images by overlapping 512-pixel tiles, cross-faded: the decoder's memory "
+                            "no longer grows with the image (seams can show faintly)")
     speed.add_argument("--pad_cond_uncond", action="store_true",
                        help="a prompt and negative prompt of different lengths: pad the shorter with empty chunks "
                             "and guide in one batch (faster, slightly different) instead of two UNet calls")
     speed.add_argument("--backend", type=str, choices=BACKENDS, default="torch",
-                       help="the engine of the UNet: torch, or openvino (CPU; converted once, cached in "
-                            "~/.cache/ldm/openvino)")
+                       help="the engine of the UNet and VAE decoder: torch; openvino (CPU, faster; converted "
+                            "once, cached in ~/.cache/ldm/openvino); auto: openvino where it runs, else torch")
     speed.add_argument("--winograd", action=argparse.BooleanOptionalAction, default=True,
                        help="CPU, float32: wide 3×3 convolutions by Winograd F(2×2, 3×3), faster but holding "
                             "transformed kernels (+3.7 GB for SD v1)")
@@ -240,7 +243,8 @@ def add_extra_arguments(parser: ScriptParser) -> None:
 def acceleration_from_args(args: argparse.Namespace) -> Acceleration:
     """The speed flags (without --cuda_graph / --no-cuda_graph: on where there is CUDA)."""
     return Acceleration(compile=args.compile, cuda_graph=args.cuda_graph, attention_slicing=args.attention_slicing,
-                        vae_slicing=args.vae_slicing, winograd=args.winograd, backend=args.backend)
+                        vae_slicing=args.vae_slicing, vae_tiling=args.vae_tiling, winograd=args.winograd,
+                        backend=args.backend)
 
 
 def pipeline_from_args(args: argparse.Namespace, config: DictConfig, sampler: str, size: str) -> Pipeline:
@@ -264,12 +268,13 @@ def check_fits(args: argparse.Namespace, config: DictConfig, batch: int, height:
     """Refuse, before loading, a run whose batch cannot fit in memory (see :func:`activation_bytes`)."""
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
-    needed = activation_bytes(config, batch, height, width, precision, args.scale != 1.0, args.vae_slicing)
+    needed = activation_bytes(config, batch, height, width, precision, args.scale != 1.0, args.vae_slicing,
+                              args.vae_tiling)
     free = available_bytes(device)
     if free is not None and needed > free:
         raise InputError(f"{batch} image(s) of {width}×{height} at once need about {needed / 2 ** 30:,.0f} GiB, but "
                          f"the {device.type} has {free / 2 ** 30:,.1f} GiB free: lower --n_samples or --H/--W "
-                         "(--vae_slicing helps with many images)")
+                         "(--vae_slicing helps with many images, --vae_tiling with large ones)")
 
 
 def lora_flags(values: list[str]) -> list[tuple[Path, float]]:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
 from ldm.editing.diffedit import edit_latent, estimate_mask, resize_mask
-from ldm.models.acceleration import Acceleration, accelerate
+from ldm.models.acceleration import VAE_TILE, Acceleration, accelerate
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.diffusion.dpm_solver.sigma_samplers import SigmaSampler
 from ldm.models.diffusion.samplers import SAMPLERS, Sampler, check_sampler, make_sampler
@@ -123,16 +123,18 @@ class Geometry:
 
 
 def activation_bytes(config: DictConfig, batch: int, height: int, width: int, precision: str, guided: bool,
-                     vae_slicing: bool) -> int:
+                     vae_slicing: bool, vae_tiling: bool = False) -> int:
     """Roughly the activation memory a batch holds at once: the UNet about 32·model_channels values per latent
     pixel of each image (twice the images under guidance), the VAE decoder about 4·ch·ch_mult[0] values per pixel
-    of each image it decodes at once. An order of magnitude, for refusing what cannot fit before loading."""
+    of each image (or tile) it decodes at once. An order of magnitude, for refusing what cannot fit before loading."""
     params = config.model.params
     geometry = Geometry.of(config)
     ddconfig = params.first_stage_config.params.ddconfig
     latent_pixels = (height // geometry.factor) * (width // geometry.factor)
     unet = 32 * params.unet_config.params.get("model_channels", 320) * latent_pixels * batch * (2 if guided else 1)
-    vae = 4 * ddconfig.get("ch", 128) * ddconfig.ch_mult[0] * height * width * (1 if vae_slicing else batch)
+    tile = VAE_TILE * geometry.factor
+    decoded = min(height, tile) * min(width, tile) if vae_tiling else height * width
+    vae = 4 * ddconfig.get("ch", 128) * ddconfig.ch_mult[0] * decoded * (1 if vae_slicing else batch)
     return (unet + vae) * (2 if precision in ("fp16", "bf16") else 4)
 
 
@@ -345,7 +347,7 @@ class Pipeline:
         device = resolve_device(device)
         precision = resolve_precision(precision, device)
         check_sampler(sampler, schedule, eta_ancestral=eta_ancestral, s_noise=s_noise)
-        acceleration = acceleration.for_device(device)
+        acceleration = acceleration.for_device(device, precision)
         checker = _all_at_once(lambda: check_checkpoint_path(ckpt),
                                lambda: vae is None or check_checkpoint_path(vae, "VAE"),
                                lambda: load_safety_checker(config, safety_checker, device))[2]

@@ -7,8 +7,13 @@
   ``TORCHINDUCTOR_CACHE_DIR`` says otherwise, so a second run loads the compiled kernels instead of compiling.
 * ``attention_slicing``: attention over at most that many query tokens at a time (less memory on small cards).
 * ``vae_slicing``: decode one image at a time (see :func:`ldm.generation.decode_images`).
-* ``backend``: ``torch``, or ``openvino`` for the UNet on OpenVINO's CPU plugin (:mod:`ldm.models.openvino_engine`;
-  converted from our module once, cached on disk).
+* ``vae_tiling``: decode latents larger than ``VAE_TILE`` by overlapping tiles, cross-faded
+  (:func:`ldm.models.autoencoder.tiled_decode`): the decoder's memory is bounded by the tile, whatever the image.
+* ``backend``: ``torch``; ``openvino`` for the UNet and the VAE decoder on OpenVINO's CPU plugin
+  (:mod:`ldm.models.openvino_engine`; converted from our modules once, cached on disk); ``auto``: openvino where
+  it runs (the CPU, the package installed, float32 or bfloat16 weights, no --compile), else torch. OpenVINO is the
+  faster CPU engine at equal precision (README, "Speed"); torch stays the default so that the original's flags
+  keep drawing bit-identical pictures and no run waits for a conversion unasked.
 * ``winograd`` (on by default): in float32 CPU inference the wide 3×3 convolutions compute by Winograd's
   F(2×2, 3×3) (:mod:`ldm.modules.winograd`), and the UNet's weights are kept channels_last to match its
   results; the transformed kernels take 16/9 the memory of those weights (3.7 GB more for the SD v1 UNet in
@@ -23,7 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldm.models.openvino_engine import PRECISION_HINTS, OpenVINOUNet, openvino_available
+from ldm.models.autoencoder import Decoding
+from ldm.models.openvino_engine import PRECISION_HINTS, OpenVINODecoder, OpenVINOUNet, openvino_available
 from ldm.modules.attention import set_attention_slicing
 from ldm.modules.winograd import set_winograd
 from ldm.util import ParameterError
@@ -31,7 +37,8 @@ from ldm.util import ParameterError
 logger = logging.getLogger(__name__)
 
 COMPILE_CACHE = Path.home() / ".cache" / "ldm" / "torchinductor"
-BACKENDS = ("torch", "openvino")
+BACKENDS = ("torch", "openvino", "auto")
+VAE_TILE, VAE_TILE_OVERLAP = 64, 16  # latent pixels: 512-pixel tiles, 128 pixels cross-faded (SD's factor 8)
 
 
 @dataclass(frozen=True)
@@ -42,11 +49,16 @@ class Acceleration:
     cuda_graph: bool | None = None  # None: on where the model runs on CUDA
     attention_slicing: int = 0  # query tokens per attention call; 0: all at once
     vae_slicing: bool = False
+    vae_tiling: bool = False
     winograd: bool = True
     backend: str = "torch"
 
-    def for_device(self, device: torch.device) -> "Acceleration":
-        """These options checked for ``device``, with ``cuda_graph`` decided."""
+    def for_device(self, device: torch.device, precision: str = "full") -> "Acceleration":
+        """These options checked for ``device`` and ``precision``, with ``cuda_graph`` and ``backend`` decided."""
+        if self.backend == "auto":
+            openvino_runs = (device.type == "cpu" and openvino_available() and not self.compile
+                             and not self.cuda_graph and precision != "fp16")
+            return replace(self, backend="openvino" if openvino_runs else "torch").for_device(device, precision)
         cuda_graph = device.type == "cuda" if self.cuda_graph is None else self.cuda_graph
         if cuda_graph and device.type != "cuda":
             raise ParameterError("cuda_graph", f"needs a CUDA device; this run uses {device.type}")
@@ -60,6 +72,8 @@ class Acceleration:
                                  "openvino, as pinned in requirements.txt)")
         if self.backend == "openvino" and (self.compile or cuda_graph):
             raise ParameterError("backend", "openvino does not combine with --compile or CUDA graphs")
+        if self.backend == "openvino" and precision == "fp16":
+            raise ParameterError("backend", "openvino runs float32 or bfloat16 weights (--precision full or bf16)")
         if self.attention_slicing < 0:
             raise ParameterError("attention_slicing", "must be 0 (off) or a positive number of tokens, "
                                  f"got {self.attention_slicing}")
@@ -71,17 +85,18 @@ def accelerate(model: nn.Module, acceleration: Acceleration) -> None:
     (its UNet runs through an engine that shares its weights: :meth:`DiffusionWrapper.set_engine`)."""
     set_attention_slicing(model, acceleration.attention_slicing)
     set_winograd(model, acceleration.winograd)
-    wrapper = model.model
+    wrapper, vae = model.model, model.first_stage_model
+    wrapper.set_engine(None)
+    vae.set_decode_engine(None)
     if acceleration.winograd and next(wrapper.parameters()).device.type == "cpu":
         # Winograd's results come channels_last; with the UNet's other convolutions channels_last as well, no layer
         # reorders its input (a UNet step at 512×512 measured 7 % faster, 4 of 4 alternating runs).
         wrapper.diffusion_model.to(memory_format=torch.channels_last)
+    vae.tiling = (VAE_TILE, VAE_TILE_OVERLAP) if acceleration.vae_tiling else None
     if acceleration.backend == "openvino":
         unet = wrapper.diffusion_model.to(memory_format=torch.contiguous_format)
-        precision = PRECISION_HINTS.get(next(unet.parameters()).dtype)
-        if precision is None:
-            raise ParameterError("backend", "openvino runs float32 or bfloat16 weights (--precision full or bf16)")
-        wrapper.set_engine(OpenVINOUNet(unet, precision))
+        wrapper.set_engine(OpenVINOUNet(unet, openvino_precision(unet)))
+        vae.set_decode_engine(OpenVINODecoder(Decoding(vae), openvino_precision(vae)))
         return
     if acceleration.compile:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
@@ -91,6 +106,14 @@ def accelerate(model: nn.Module, acceleration: Acceleration) -> None:
             wrapper.set_engine(torch.compile(wrapper.diffusion_model, dynamic=False))
     elif acceleration.cuda_graph:
         wrapper.set_engine(CUDAGraphUNet(wrapper.diffusion_model))
+
+
+def openvino_precision(module: nn.Module) -> str:
+    """OpenVINO's inference precision for a module's weights (float16 is refused by :meth:`Acceleration.for_device`)."""
+    dtype = next(module.parameters()).dtype
+    if dtype not in PRECISION_HINTS:
+        raise ParameterError("backend", "openvino runs float32 or bfloat16 weights (--precision full or bf16)")
+    return PRECISION_HINTS[dtype]
 
 
 class CUDAGraphUNet(nn.Module):

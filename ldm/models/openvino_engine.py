@@ -1,7 +1,8 @@
-"""The UNet on OpenVINO, the CPU engine of this field: converted from our own module (the one definition of the
-network), compiled by OpenVINO's CPU plugin, and cached on disk so only the first run converts.
+"""Networks on OpenVINO, the CPU engine of this field: the UNet and the VAE decoder converted from our own modules
+(the one definition of each network), compiled by OpenVINO's CPU plugin, and cached on disk so only the first run
+converts.
 
-The IR (``.xml`` + ``.bin``) is stored under a key made of the UNet's weights (a BLAKE2 hash of every tensor), the
+The IR (``.xml`` + ``.bin``) is stored under a key made of the module's weights (a BLAKE2 hash of every tensor), the
 input shapes and the OpenVINO version; a sidecar records the files' own hashes, and a cache entry whose files do not
 match it, or that OpenVINO cannot read, is converted again, never used. Inference precision is OpenVINO's
 ``INFERENCE_PRECISION_HINT``: ``f32`` for float32 runs, ``bf16`` for ``--precision bf16`` (the IR is converted from
@@ -50,16 +51,20 @@ def file_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-class OpenVINOUNet(nn.Module):
-    """``unet(x, timesteps, context)`` computed by OpenVINO, one compiled model per input shape (float32 in and
-    out; the result comes back in ``x``'s dtype). Gradients need the torch module, which stays at ``self.unet``."""
+class OpenVINOModule(nn.Module):
+    """``module(*inputs)`` computed by OpenVINO, one compiled model per input shape (float32 tensors in and out).
 
-    def __init__(self, unet: nn.Module, precision: str = "f32", cache_dir: Path | None = None):
+    The torch module stays at ``self.module``: calls that need gradients run it, and when its parameters change in
+    place (a LoRA merged or restored: their ``_version`` counts move) the IR is converted anew instead of served
+    stale."""
+
+    def __init__(self, module: nn.Module, precision: str = "f32", cache_dir: Path | None = None,
+                 label: str = "module"):
         super().__init__()
         import openvino
 
-        set_winograd(unet, False)  # OpenVINO converts the plain convolutions and picks its own algorithms
-        self.unet, self.precision = unet, precision
+        set_winograd(module, False)  # OpenVINO converts the plain convolutions and picks its own algorithms
+        self.module, self.precision, self.label = module, precision, label
         self.cache_dir = Path(cache_dir or os.environ.get("LDM_OPENVINO_CACHE", OPENVINO_CACHE))
         self.core = openvino.Core()
         self.version = openvino.__version__
@@ -67,26 +72,25 @@ class OpenVINOUNet(nn.Module):
         self._weights: str | None = None
         self._version: int | None = None  # the parameters' in-place modification count when last compiled
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
-            return self.unet(x, timesteps, context)
-        version = sum(parameter._version for parameter in self.unet.parameters())
-        if version != self._version:  # weights changed in place (a LoRA merged or restored): convert anew
+            return self.module(*inputs)
+        version = sum(parameter._version for parameter in self.module.parameters())
+        if version != self._version:
             self.compiled.clear()
             self._weights, self._version = None, version
-        inputs = [x.float(), timesteps.float().expand(x.shape[0])] + ([] if context is None else [context.float()])
+        inputs = [tensor.float() for tensor in inputs]
         key = tuple(tuple(tensor.shape) for tensor in inputs)
         if key not in self.compiled:
             self.compiled[key] = self.core.compile_model(self._model(inputs, key), "CPU",
                                                          {"INFERENCE_PRECISION_HINT": self.precision})
         output = self.compiled[key]([tensor.contiguous().numpy() for tensor in inputs])[0]
-        return torch.from_numpy(np.array(output)).to(x.dtype)  # a copy: OpenVINO reuses its output buffer
+        return torch.from_numpy(np.array(output))  # a copy: OpenVINO reuses its output buffer
 
     def _model(self, inputs: list[torch.Tensor], key: tuple):
         """The IR for these shapes: from the cache if it is intact, else converted now and cached."""
         if self._weights is None:
-            self._weights = weights_hash(self.unet)
+            self._weights = weights_hash(self.module)
         name = hashlib.blake2b(f"{self._weights}{key}{self.version}".encode(), digest_size=16).hexdigest()
         xml, meta = self.cache_dir / f"{name}.xml", self.cache_dir / f"{name}.json"
         model = self._cached(xml, meta)
@@ -103,7 +107,7 @@ class OpenVINOUNet(nn.Module):
             recorded = json.loads(meta.read_text())
             intact = all(recorded.get(path.name) == file_hash(path) for path in (xml, xml.with_suffix(".bin")))
             if intact:
-                logger.info("OpenVINO: the UNet from the cache (%s)", xml.name)
+                logger.info("OpenVINO: the %s from the cache (%s)", self.label, xml.name)
                 return self.core.read_model(str(xml))
         except (OSError, ValueError, RuntimeError) as error:
             logger.warning("OpenVINO cache entry %s is unreadable (%s); converting again", xml.name, error)
@@ -114,12 +118,14 @@ class OpenVINOUNet(nn.Module):
     def _convert(self, inputs: list[torch.Tensor]):
         import openvino
 
-        logger.info("OpenVINO: converting the UNet for inputs %s (once; later runs read the cache)",
+        logger.info("OpenVINO: converting the %s for inputs %s (once; later runs read the cache)", self.label,
                     ", ".join("×".join(map(str, tensor.shape)) for tensor in inputs))
-        unet = self.unet if next(self.unet.parameters()).dtype == torch.float32 else copy.deepcopy(self.unet).float()
+        module = self.module
+        if next(module.parameters()).dtype != torch.float32:
+            module = copy.deepcopy(module).float()
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)  # group_norm's batch-size check, shape-static
-            return openvino.convert_model(unet, example_input=tuple(inputs))
+            return openvino.convert_model(module, example_input=tuple(inputs))
 
     def _store(self, model, xml: Path, meta: Path) -> None:
         """Write the IR next to a record of its files' hashes (a failed write leaves no record, so no entry)."""
@@ -130,4 +136,29 @@ class OpenVINOUNet(nn.Module):
             openvino.save_model(model, str(xml), compress_to_fp16=False)
             meta.write_text(json.dumps({path.name: file_hash(path) for path in (xml, xml.with_suffix(".bin"))}))
         except OSError as error:
-            logger.warning("OpenVINO: cannot cache the converted UNet in %s (%s)", self.cache_dir, error)
+            logger.warning("OpenVINO: cannot cache the converted %s in %s (%s)", self.label, self.cache_dir,
+                           error)
+
+
+class OpenVINOUNet(OpenVINOModule):
+    """``unet(x, timesteps, context)`` on OpenVINO; the result comes back in ``x``'s dtype."""
+
+    def __init__(self, unet: nn.Module, precision: str = "f32", cache_dir: Path | None = None):
+        super().__init__(unet, precision, cache_dir, "UNet")
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return self.module(x, timesteps, context)
+        inputs = [x, timesteps.expand(x.shape[0])] + ([] if context is None else [context])
+        return super().forward(*inputs).to(x.dtype)
+
+
+class OpenVINODecoder(OpenVINOModule):
+    """The autoencoder's ``decode(z)`` (post-quantisation convolution and decoder) on OpenVINO, in ``z``'s dtype."""
+
+    def __init__(self, decoding: nn.Module, precision: str = "f32", cache_dir: Path | None = None):
+        super().__init__(decoding, precision, cache_dir, "VAE decoder")
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return super().forward(z).to(z.dtype)
