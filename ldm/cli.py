@@ -14,23 +14,28 @@ import math
 import secrets
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from ldm.distributed import Process, launched
 from ldm.generation import (DEVICES, PRECISIONS, Generated, Pipeline, activation_bytes, available_bytes, open_image,
                             resolve_device, resolve_precision)
 from ldm.models.acceleration import BACKENDS, Acceleration
 from ldm.models.diffusion.samplers import SAMPLERS, check_sampler, resolve_sampler, resolve_schedule
+from ldm.models.diffusion.sampling_util import ImageGenerators
 from ldm.models.lora import find_lora, take_lora_tags
 from ldm.modules.encoders.modules import EMPHASIS_MODES
 from ldm.output import A1111_SAMPLERS, RunOutput, check_writable, parse_infotext
+from ldm.sharding import ShardedRun, work_items
 from ldm.util import InputError, ParameterError, Problems, check_seed, seed_everything
 
 logger = logging.getLogger("ldm")
 
 DEFAULT_PROMPT = "a painting of a virus monster playing guitar"
+SEED_MODES = ("original", "per_image")
+NOISE_DEVICES = ("cpu", "model")
 DEFAULT_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 DEFAULT_EMBEDDINGS = "models/embeddings"
@@ -240,6 +245,56 @@ def add_extra_arguments(parser: ScriptParser) -> None:
                             "transformed kernels (+3.7 GB for SD v1)")
 
 
+def add_run_arguments(parser: ScriptParser) -> None:
+    """Runs of many images: per-image seeds (which torchrun needs), their noise device, resuming."""
+    output = parser.group("output")
+    output.add_argument("--seed_mode", type=str, choices=SEED_MODES, default=None,
+                        help="original: one random stream from --seed for the whole run (the default for one "
+                             "process); per_image: image k from seed + k, saved as samples/{k:05d}.png, the same "
+                             "picture whatever the batch size or number of processes (the default under torchrun "
+                             "and with --resume)")
+    output.add_argument("--noise_device", type=str, choices=NOISE_DEVICES, default=None,
+                        help="per_image: where the noise is drawn; cpu (default) gives the same picture on any "
+                             "device, model draws on the model's device")
+    output.add_argument("--resume", action="store_true",
+                        help="per_image: complete the run in --outdir, drawing only the images whose file is "
+                             "missing (refused if its manifest.jsonl has other settings)")
+
+
+def check_run_flags(args: argparse.Namespace, process: Process) -> None:
+    """Decide --seed_mode (per_image under a launcher or with --resume) and check what goes with it."""
+    args.seed_mode = args.seed_mode or ("per_image" if launched() or args.resume else "original")
+    if args.seed_mode == "original":
+        if process.world_size > 1:
+            raise InputError("--seed_mode original draws one random stream for the whole run, which cannot be split "
+                             f"over {process.world_size} processes: use --seed_mode per_image")
+        for flag, value in (("--resume", args.resume), ("--noise_device", args.noise_device)):
+            if value:
+                raise InputError(f"{flag} needs --seed_mode per_image")
+        return
+    for flag, value in (("--fixed_code", getattr(args, "fixed_code", False)), ("--skip_save", args.skip_save)):
+        if value:
+            raise InputError(f"{flag} does not go with --seed_mode per_image (each image has its own seed and "
+                             "file)")
+    args.noise_device = args.noise_device or "cpu"
+
+
+def run_per_image(args: argparse.Namespace, process: Process, pipeline: Pipeline, metadata: dict,
+                  source: Callable[[], Iterator[str]], draw: Callable[[list[str], ImageGenerators], Generated]
+                  ) -> None:
+    """This process's share of a per-image run (:mod:`ldm.sharding`) of the prompts ``source`` gives (see
+    :func:`prompt_source`); rank 0 closes it."""
+    settings = dict(metadata, config=Path(args.config).name, checkpoint_bytes=Path(args.ckpt).stat().st_size,
+                    seed_mode=args.seed_mode, noise_device=args.noise_device, precision=pipeline.precision,
+                    backend=pipeline.acceleration.backend)
+    noise_device = "cpu" if args.noise_device == "cpu" else pipeline.device
+    run = ShardedRun(Path(args.outdir), process, settings, metadata, args.seed, noise_device, args.resume)
+    run.run(lambda: work_items(source, args.n_iter), args.n_samples, draw)
+    message = run.finish(not args.skip_grid, args.n_rows or args.n_samples)
+    if message:
+        print(message)
+
+
 def acceleration_from_args(args: argparse.Namespace) -> Acceleration:
     """The speed flags (without --cuda_graph / --no-cuda_graph: on where there is CUDA)."""
     return Acceleration(compile=args.compile, cuda_graph=args.cuda_graph, attention_slicing=args.attention_slicing,
@@ -436,20 +491,36 @@ def check_common(args: argparse.Namespace) -> None:
     check_writable(args.outdir)
 
 
-def prompt_batches(args: argparse.Namespace) -> list[list[str]]:
-    """``n_samples`` copies of --prompt, or the lines of --from-file in batches of ``n_samples`` (the last may be
-    shorter; blank lines are skipped)."""
-    if not args.from_file:
-        check_lora_tags(args, [args.prompt])
-        return [args.n_samples * [args.prompt]]
-    path = Path(args.from_file)
+def prompt_lines(path: Path) -> Iterator[str]:
+    """The non-blank lines of a prompt file, stripped, read as they are needed."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        with path.open(encoding="utf-8") as file:
+            for line in file:
+                if line.strip():
+                    yield line.strip()
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"cannot read --from-file {path}: {error.strerror if isinstance(error, OSError) else error}"
                          ) from None
-    prompts = [line.strip() for line in lines if line.strip()]
-    if not prompts:
+
+
+def prompt_source(args: argparse.Namespace) -> Callable[[], Iterator[str]]:
+    """The prompts of one pass, as often as asked: ``n_samples`` copies of --prompt, or the lines of --from-file
+    streamed (checked once now: readable, not empty, every LoRA tag's file there)."""
+    if not args.from_file:
+        check_lora_tags(args, [args.prompt])
+        return lambda: iter(args.n_samples * [args.prompt])
+    path = Path(args.from_file)
+    count = 0
+    for prompt in prompt_lines(path):
+        check_lora_tags(args, [prompt])
+        count += 1
+    if not count:
         raise InputError(f"--from-file {path} contains no prompts")
-    check_lora_tags(args, prompts)
+    return lambda: prompt_lines(path)
+
+
+def prompt_batches(args: argparse.Namespace) -> list[list[str]]:
+    """``n_samples`` copies of --prompt, or the lines of --from-file in batches of ``n_samples`` (the last may be
+    shorter; blank lines are skipped)."""
+    prompts = list(prompt_source(args)())
     return [prompts[i:i + args.n_samples] for i in range(0, len(prompts), args.n_samples)]

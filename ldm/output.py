@@ -112,9 +112,10 @@ class ImageWriter:
         self.saved = 0
 
     def save(self, image: Image.Image, subdir: str = "samples", prefix: str = "", digits: int = 5,
-             metadata: Mapping[str, Any] | None = None, number: int = 0, watermark: bool = True) -> Path:
+             metadata: Mapping[str, Any] | None = None, number: int = 0, watermark: bool = True,
+             exact: bool = False) -> Path:
         """Save as ``outdir/subdir/{prefix}{number:0{digits}}.png`` with the first free number from ``number`` on
-        that is above every number already there; returns the path."""
+        that is above every number already there (``exact``: that number or an error); returns the path."""
         directory = self.outdir / subdir
         if self.watermark and watermark:
             if can_watermark(image):
@@ -130,7 +131,10 @@ class ImageWriter:
             handle, temporary = tempfile.mkstemp(prefix=f".{prefix}", suffix=".png.partial", dir=directory)
             with os.fdopen(handle, "wb") as file:
                 image.save(file, format="PNG", pnginfo=info)
-            path = self._link(temporary, directory, prefix, digits, max(number, self.next_number(subdir, prefix)))
+            if exact:
+                path = self._link_exact(temporary, directory / f"{prefix}{number:0{digits}d}.png")
+            else:
+                path = self._link(temporary, directory, prefix, digits, max(number, self.next_number(subdir, prefix)))
         except OSError as error:
             raise InputError(f"cannot write to {directory}: {error.strerror or error}; the {self.saved} image(s) "
                              "saved before are kept") from None
@@ -150,6 +154,15 @@ class ImageWriter:
                 return path
             except FileExistsError:
                 number += 1
+
+    @staticmethod
+    def _link_exact(temporary: str, path: Path) -> Path:
+        try:
+            os.link(temporary, path, follow_symlinks=False)
+        except FileExistsError:
+            raise InputError(f"{path} appeared while it was being drawn: is another run writing to this "
+                             "directory?") from None
+        return path
 
     def next_number(self, subdir: str = "samples", prefix: str = "") -> int:
         """One more than the highest ``{prefix}NNNNN.png`` in ``outdir/subdir`` (0 when there is none)."""

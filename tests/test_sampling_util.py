@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.models.diffusion.sampling_util import (Intermediates, batch_size_of, check_batch_size,
+from ldm.models.diffusion.sampling_util import (ImageGenerators, Intermediates, batch_size_of, check_batch_size,
                                                 classifier_free_guidance, concat_conditioning, ddim_coefficients,
-                                                make_ddim_timesteps)
+                                                make_ddim_timesteps, randn)
 from ldm.testing.analytic import SD_ALPHAS_CUMPROD
 from ldm.util import ParameterError
 
@@ -78,3 +78,16 @@ def test_a_prompt_longer_than_its_negative_is_guided_with_two_calls():
     guided = classifier_free_guidance(model, x, t, cond, uncond, scale=3.0)
     assert calls == [(2, 77, 4), (2, 154, 4)]
     torch.testing.assert_close(guided, x * (1.0 + 3.0 * (2.0 - 1.0)))
+
+
+def test_per_image_noise_depends_on_the_image_seed_only():
+    together = randn((3, 4, 5, 6), ImageGenerators([11, 12, 13]), "cpu")
+    alone = [randn((1, 4, 5, 6), ImageGenerators([seed]), "cpu") for seed in (12, 13, 11)]
+    assert torch.equal(together, torch.cat([alone[2], alone[0], alone[1]]))
+    assert torch.equal(alone[0], torch.randn((1, 4, 5, 6), generator=torch.Generator().manual_seed(12)))
+    stacked = randn((2, 3, 4, 5, 6), ImageGenerators([11, 12, 13]), "cpu", torch.float64)  # (K, B, C, H, W)
+    assert stacked.shape == (2, 3, 4, 5, 6) and stacked.dtype == torch.float64
+    expected = torch.randn((2, 1, 4, 5, 6), generator=torch.Generator().manual_seed(12))
+    assert torch.equal(stacked[:, 1:2].float(), expected)
+    with pytest.raises(ValueError, match="per-image noise"):
+        randn((2, 4, 5, 6), ImageGenerators([11, 12, 13]), "cpu")

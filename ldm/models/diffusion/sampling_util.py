@@ -109,9 +109,37 @@ def guided_noise_prediction(model, x: torch.Tensor, t: torch.Tensor, cond: Any, 
     return out
 
 
-def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str,
+class ImageGenerators:
+    """One generator per image of a batch, so that an image's noise depends on its own seed only, not on the batch
+    it is drawn in: the same picture with any batch size, order or number of processes.
+
+    Noise shaped like latents, ``(…, B, C, H, W)``, takes image b's values from generator b; generators live on
+    ``device`` (the CPU by default: the same numbers for any GPU or CPU, as diffusers recommends and AUTOMATIC1111
+    and ComfyUI offer), and the noise is then moved where it is used.
+    """
+
+    def __init__(self, seeds: list[int], device: torch.device | str = "cpu"):
+        self.seeds = list(seeds)
+        self.generators = [torch.Generator(device).manual_seed(seed) for seed in self.seeds]
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randn(self, shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        batch_dim = len(shape) - 4
+        if batch_dim < 0 or shape[batch_dim] != len(self):
+            raise ValueError(f"per-image noise needs latent-shaped (…, {len(self)}, C, H, W) noise, not {tuple(shape)}")
+        one = (*shape[:batch_dim], 1, *shape[batch_dim + 1:])
+        pieces = [torch.randn(one, generator=generator, device=generator.device) for generator in self.generators]
+        return torch.cat(pieces, dim=batch_dim).to(device, dtype)
+
+
+def randn(shape: tuple[int, ...], generator: torch.Generator | ImageGenerators | None, device: torch.device | str,
           dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Standard normal noise from ``generator`` (the global RNG of ``device`` when None, as the original)."""
+    """Standard normal noise from ``generator`` (the global RNG of ``device`` when None, as the original; one
+    generator per image with :class:`ImageGenerators`)."""
+    if isinstance(generator, ImageGenerators):
+        return generator.randn(shape, device, dtype)
     return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 

@@ -36,7 +36,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from ldm.models.diffusion.sampling_util import classifier_free_guidance
+from ldm.models.diffusion.sampling_util import classifier_free_guidance, randn
 
 logger = logging.getLogger(__name__)
 
@@ -563,7 +563,7 @@ class DPM_Solver:
         alpha_t = self.noise_schedule.marginal_alpha(t).to(x.device, x.dtype).view(shape)
         sigma_t = self.noise_schedule.marginal_std(t).to(x.device, x.dtype).view(shape)
         if noise is None:
-            noise = torch.randn((len(t), *x.shape), generator=generator, device=x.device, dtype=x.dtype)
+            noise = randn((len(t), *x.shape), generator, x.device, x.dtype)
         x_t = alpha_t * x + sigma_t * noise.reshape(len(t), *x.shape)
         return x_t.squeeze(0) if len(t) == 1 else x_t
 
