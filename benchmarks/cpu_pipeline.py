@@ -8,7 +8,7 @@ process, identical random SD v1 weights, one prompt with classifier-free guidanc
 512×512 by default; each engine warmed up by one image (which also converts or reads its cache), then timed over
 ``--repeats`` images. Prints the seconds per image, each stage's share, and ratios to the OpenVINO pipeline.
 
-    python benchmarks/cpu_pipeline.py [--size 512] [--steps 25] [--repeats 1] [--no-torch]
+    python benchmarks/cpu_pipeline.py [--size 512] [--steps 25] [--repeats 1] [--no-torch] [--interleave]
 """
 
 import argparse
@@ -125,6 +125,13 @@ class OursTimed:
         return None
 
 
+def networks_to(model, dtype: torch.dtype):
+    """The networks in ``dtype``, as --precision loads them; the schedule's own buffers stay float32."""
+    for network in model.children():
+        network.to(dtype)
+    return model
+
+
 def run(name: str, make, args, rows: list) -> None:
     """Build (convert, compile) and draw the first image, then the timed ones."""
     start = time.perf_counter()
@@ -143,16 +150,40 @@ def run(name: str, make, args, rows: list) -> None:
     gc.collect()
 
 
+def interleaved(model, args) -> None:
+    """The f32 pair only (ours --backend openvino and the OpenVINO pipeline), both built first and then timed in
+    alternation, so that the VM's drift falls on both alike."""
+    pair = {"OpenVINO pipeline f32": OpenVINOPipeline(diffusers_pipeline(model, load_config(CONFIG)), "f32", args.size),
+            "ours --backend openvino f32": OursTimed(model, "openvino", args.size)}
+    times: dict[str, list[float]] = {name: [] for name in pair}
+    for round_ in range(args.repeats + 1):  # the first round converts, compiles and warms up
+        for name, engine in pair.items():
+            start = time.perf_counter()
+            engine(PROMPT, args.steps, 7.5, torch.Generator().manual_seed(round_))
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    peer, ours = (float(np.median(times[name])) for name in pair)
+    print(f"interleaved, {args.repeats} rounds: OpenVINO pipeline f32 {peer:.1f} s, ours --backend openvino f32 "
+          f"{ours:.1f} s: {ours / peer:.2f}×")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--no-torch", dest="torch", action="store_false", help="leave out our torch backend")
+    parser.add_argument("--interleave", action="store_true",
+                        help="only the f32 pair, timed in alternation (for the ratio, not the table)")
     args = parser.parse_args()
     print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; {args.size}×{args.size}, "
           f"{args.steps} steps, scale 7.5")
     model = randomize_parameters_(build_model(load_config(CONFIG)).eval())
+    if args.interleave:
+        with tempfile.TemporaryDirectory() as cache, torch.no_grad():
+            os.environ["LDM_OPENVINO_CACHE"] = cache
+            interleaved(model, args)
+        return
     rows = []
     with tempfile.TemporaryDirectory() as cache, torch.no_grad():
         os.environ["LDM_OPENVINO_CACHE"] = cache
@@ -163,11 +194,11 @@ def main() -> None:
             del pipe
             gc.collect()
         run("ours --backend openvino f32", lambda: OursTimed(model, "openvino", args.size), args, rows)
-        run("ours --backend openvino bf16", lambda: OursTimed(model.to(torch.bfloat16), "openvino", args.size),
-            args, rows)
+        run("ours --backend openvino bf16",
+            lambda: OursTimed(networks_to(model, torch.bfloat16), "openvino", args.size), args, rows)
         if args.torch:
             run("ours torch fp32 (the default)",
-                lambda: OursTimed(model.float(), "torch", args.size), args, rows)
+                lambda: OursTimed(networks_to(model, torch.float32), "torch", args.size), args, rows)
     peer = rows[0][1]
     print("\n| pipeline | s / image | × OpenVINO f32 pipeline | text / UNet / VAE s | first image s |\n"
           "|---|---|---|---|---|")

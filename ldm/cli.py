@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from ldm.distributed import Process, launched
+from ldm.distributed import Process, launched, process_from_environment
 from ldm.generation import (DEVICES, PRECISIONS, Generated, Pipeline, activation_bytes, available_bytes, open_image,
                             resolve_device, resolve_precision)
 from ldm.models.acceleration import BACKENDS, Acceleration
@@ -277,6 +277,14 @@ def check_run_flags(args: argparse.Namespace, process: Process) -> None:
             raise InputError(f"{flag} does not go with --seed_mode per_image (each image has its own seed and "
                              "file)")
     args.noise_device = args.noise_device or "cpu"
+
+
+def check_one_process(script: str) -> None:
+    """Scripts without per-image seeds refuse a launcher's several processes (each would draw the whole run)."""
+    world_size = process_from_environment().world_size
+    if world_size > 1:
+        raise InputError(f"{script} runs in one process; under torchrun each of the {world_size} would draw the "
+                         "whole run (scripts/txt2img.py splits its images over processes)")
 
 
 def run_per_image(args: argparse.Namespace, process: Process, pipeline: Pipeline, metadata: dict,

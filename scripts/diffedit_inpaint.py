@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 from ldm.cli import (ScriptParser, add_checkpoint_arguments, add_extra_arguments, add_sampler_arguments, check_fits,
-                     check_lora_tags, check_values, clean_exit, finite_float, pipeline_from_args)
+                     check_lora_tags, check_one_process, check_values, clean_exit, finite_float, pipeline_from_args)
 from ldm.editing.diffedit import ENCODE_TYPES, mask_image
 from ldm.generation import Geometry, load_image, open_image
 from ldm.models.diffusion.samplers import SIGMA_METHODS, check_sampler
@@ -82,6 +82,7 @@ def check_args(args: argparse.Namespace) -> None:
 @clean_exit
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_one_process("diffedit_inpaint.py")
     check_args(args)
     config = load_config(args.config)
     init_image = load_image(args.init_img, Geometry.of(config).multiple)

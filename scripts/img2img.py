@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from ldm.cli import (ScriptParser, add_extra_arguments, add_model_arguments, add_prompt_and_output_arguments,
-                     add_size_arguments, check_common, check_fits, clean_exit, file_metadata, finite_float,
-                     pipeline_from_args, prompt_batches, run_batches, sampler_name)
+                     add_size_arguments, check_common, check_fits, check_one_process, clean_exit, file_metadata,
+                     finite_float, pipeline_from_args, prompt_batches, run_batches, sampler_name)
 from ldm.generation import Geometry, load_image
 from ldm.models.loading import load_config
 from ldm.output import RunOutput
@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @clean_exit
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_one_process("img2img.py")
     check_common(args)
     if not args.init_img:
         raise InputError("--init-img is required: the image to start from")

@@ -287,3 +287,11 @@ def test_stochastic_samplers_draw_each_image_from_its_own_seed(tmp_path, tiny_ch
         assert txt2img.main(argv) == 0
         runs[n_samples] = pictures(tmp_path / n_samples)
     assert_same_pictures(runs["1"], runs["3"])
+
+
+@pytest.mark.parametrize("script", ["img2img", "diffedit_inpaint"])
+def test_scripts_without_per_image_seeds_refuse_several_processes(script, tmp_path, monkeypatch, capsys):
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    assert load_script(script).main(["--outdir", str(tmp_path)]) == 2
+    assert_one_error_line(capsys, "runs in one process")
