@@ -24,10 +24,10 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from ldm.distributed import Process
+from ldm.generation import open_image
 from ldm.models.diffusion.sampling_util import ImageGenerators
 from ldm.output import ImageWriter, image_grid, infotext, to_pil
 from ldm.util import InputError
@@ -98,9 +98,11 @@ class Manifest:
                         continue  # the last line of an interrupted run
                     raise InputError(f"the manifest {path} is damaged at line {number + 1}") from None
                 if isinstance(record, dict) and "settings" in record:
+                    if not isinstance(record["settings"], dict):
+                        raise InputError(f"the manifest {path} is damaged at line {number + 1}")
                     headers.append(record["settings"])
-                elif isinstance(record, dict) and isinstance(record.get("index"), int):
-                    entries[record["index"]] = record
+                elif isinstance(record, dict) and isinstance(record.get("index"), int) and record["index"] >= 0:
+                    entries[record["index"]] = record  # its file is always samples/{index}: nothing else is opened
         return headers, entries
 
     def check_settings(self, headers: list[dict]) -> None:
@@ -256,7 +258,8 @@ class ShardedRun:
             logger.info("no grid for %d images (more than %d); --n_rows and the grid are for smaller runs",
                         len(entries), GRID_LIMIT)
         elif grid and entries:
-            pictures = [np.asarray(Image.open(self.outdir / entry["file"]).convert("RGB")) for entry in entries]
+            files = [self.outdir / WorkItem(entry["index"], "").file for entry in entries]
+            pictures = [np.asarray(open_image(path, "sample").convert("RGB")) for path in files]
             tensor = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() / 255
             path = self.writer.save(image_grid(tensor, n_rows), "", prefix="grid-", digits=4,
                                     metadata=dict(self.metadata))

@@ -295,3 +295,10 @@ def test_scripts_without_per_image_seeds_refuse_several_processes(script, tmp_pa
         monkeypatch.setenv(name, value)
     assert load_script(script).main(["--outdir", str(tmp_path)]) == 2
     assert_one_error_line(capsys, "runs in one process")
+
+
+def test_a_manifest_with_a_damaged_settings_line_is_refused(tmp_path):
+    (tmp_path / "manifest.jsonl").write_text('{"settings": {"seed": 1}}\n{"index": 0, "file": "../../etc/passwd"}\n'
+                                             '{"index": -3, "file": "/etc/shadow"}\n{"settings": 5}\n{"index": 1}\n')
+    with pytest.raises(InputError, match="damaged at line 4"):
+        Manifest(tmp_path, Process(), {"seed": 1}).read()
