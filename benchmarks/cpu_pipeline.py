@@ -156,12 +156,17 @@ def interleaved(model, args) -> None:
     pair = {"OpenVINO pipeline f32": OpenVINOPipeline(diffusers_pipeline(model, load_config(CONFIG)), "f32", args.size),
             "ours --backend openvino f32": OursTimed(model, "openvino", args.size)}
     times: dict[str, list[float]] = {name: [] for name in pair}
+    stages: dict[str, list[dict]] = {name: [] for name in pair}
     for round_ in range(args.repeats + 1):  # the first round converts, compiles and warms up
         for name, engine in pair.items():
             start = time.perf_counter()
             engine(PROMPT, args.steps, 7.5, torch.Generator().manual_seed(round_))
             if round_:
                 times[name].append(time.perf_counter() - start)
+                stages[name].append(dict(engine.stages))
+    for name in pair:
+        print(f"{name}: " + ", ".join(f"{stage} {np.median([s[stage] for s in stages[name]]):.2f} s"
+                                      for stage in stages[name][0]))
     peer, ours = (float(np.median(times[name])) for name in pair)
     print(f"interleaved, {args.repeats} rounds: OpenVINO pipeline f32 {peer:.1f} s, ours --backend openvino f32 "
           f"{ours:.1f} s: {ours / peer:.2f}×")
