@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from omegaconf import DictConfig
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm.distributed import Process, launched, process_from_environment
@@ -384,7 +385,7 @@ def file_hash(path: Path) -> str:
 def configure_prompts(args: argparse.Namespace, pipeline: Pipeline) -> None:
     """The prompt flags on the pipeline and its text encoder: emphasis, CLIP skip, embeddings, LoRAs."""
     encoder = pipeline.model.cond_stage_model
-    layers = encoder.transformer.text_model.config.num_hidden_layers
+    layers = encoder.num_layers
     if not 1 <= args.clip_skip <= layers:
         raise InputError(f"--clip_skip must be between 1 and {layers} for this text encoder, got {args.clip_skip}")
     encoder.clip_skip, encoder.emphasis = args.clip_skip, args.emphasis
@@ -399,6 +400,19 @@ def configure_prompts(args: argparse.Namespace, pipeline: Pipeline) -> None:
         logger.info("embeddings: %s", ", ".join(words) if words else f"none in {directory}")
 
 
+ASPECT_TOLERANCE = 0.02  # a user mask may differ this much in aspect ratio from the image before we refuse it
+
+
+def load_mask(path: str, image_size: tuple[int, int]) -> Image.Image:
+    """The user's --mask, refused if its aspect ratio differs from the image's (it is resized to the image)."""
+    mask = open_image(path, "--mask")
+    height, width = image_size
+    if abs(mask.width / mask.height - width / height) > ASPECT_TOLERANCE * width / height:
+        raise InputError(f"--mask {path} is {mask.width}×{mask.height} but the image is {width}×{height}: give a "
+                         "mask with the image's aspect ratio")
+    return mask
+
+
 def apply_infotext(args: argparse.Namespace, path: str) -> None:
     """--from-png: take prompt, negative prompt, seed, steps, scale, size, sampler, η and CLIP skip from an image's
     AUTOMATIC1111 "parameters" text (ours or another tool's)."""
@@ -408,10 +422,11 @@ def apply_infotext(args: argparse.Namespace, path: str) -> None:
         raise InputError(f"--from-png {path} has no 'parameters' text to take the settings from")
     fields = parse_infotext(text)
     try:
-        width, height = map(int, fields.get("Size", f"{args.W}x{args.H}").split("x"))
+        if "Size" in fields:
+            args.W, args.H = map(int, fields["Size"].split("x"))
         args.prompt, args.negative_prompt = fields["prompt"], fields["negative_prompt"]
         args.seed, args.ddim_steps = int(fields.get("Seed", args.seed)), int(fields.get("Steps", args.ddim_steps))
-        args.scale, args.W, args.H = float(fields.get("CFG scale", args.scale)), width, height
+        args.scale = float(fields.get("CFG scale", args.scale))
         args.ddim_eta, args.clip_skip = float(fields.get("Eta DDIM", 0.0)), int(fields.get("Clip skip", 1))
     except ValueError as error:
         raise InputError(f"--from-png {path}: cannot read its settings ({error})") from None

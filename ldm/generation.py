@@ -1,5 +1,5 @@
-"""One road from prompts to checked images: :class:`Pipeline` loads a model once and makes txt2img, img2img and
-DiffEdit images with it; the scripts only parse flags, call it and write files.
+"""One road from prompts to checked images: :class:`Pipeline` loads a model once and makes txt2img, img2img,
+inpainting and DiffEdit images with it; the scripts only parse flags, call it and write files.
 
 Randomness (one regime for every entry point). Each draw (start codes, img2img and DiffEdit noise, DDIM's
 η-noise, the VAE posterior sample) comes from the ``generator`` a call is given; without one, from the global
@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 
 from ldm.editing.diffedit import edit_latent, estimate_mask, resize_mask
+from ldm.editing.inpainting import KnownRegion, latent_mask, pixel_mask
 from ldm.models.acceleration import VAE_TILE, Acceleration, accelerate
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.diffusion.dpm_solver.sigma_samplers import SigmaSampler
@@ -269,7 +270,8 @@ class Generated(NamedTuple):
 
 
 class Edited(NamedTuple):
-    """DiffEdit's result: :class:`Generated`'s two fields and the mask used, (h, w) at latent resolution, 1 = edited."""
+    """DiffEdit's and inpainting's result: :class:`Generated`'s two fields and the mask used, (h, w) at latent
+    resolution, 1 = edited."""
 
     images: torch.Tensor
     flagged: int
@@ -299,7 +301,8 @@ class Pipeline:
                  acceleration: Acceleration = Acceleration(cuda_graph=False)):
         self.model = model
         self.geometry = geometry
-        self.sampler: Sampler = make_sampler(sampler, model, schedule, eta_ancestral=eta_ancestral, s_noise=s_noise)
+        self._sampler_choice = dict(name=sampler, schedule=schedule, eta_ancestral=eta_ancestral, s_noise=s_noise)
+        self.sampler: Sampler = self._make_sampler(model)
         # for metadata: the original's names ("ddim", "plms", "dpm_solver"), A1111's for the others ("Euler a Karras")
         key = check_sampler(sampler, schedule)[0]
         self.sampler_name = key if key in SAMPLERS else self.sampler.name
@@ -425,13 +428,66 @@ class Pipeline:
             dst_cond = self.model.get_learned_conditioning([target_prompt])
             init_latent = encode_images(self.model, pixels, generator)
             if mask is None:
-                latent_mask = estimate_mask(sampler, init_latent, src_cond, dst_cond, generator=generator)
+                everything = torch.ones(1, 1, *init_latent.shape[-2:], device=init_latent.device)
+                latent_mask = estimate_mask(sampler, init_latent,
+                                            *self._with_image(pixels, everything, generator, src_cond, dst_cond),
+                                            generator=generator)
             else:
                 latent_mask = resize_mask(mask, tuple(init_latent.shape[-2:]))
+            conditionings = self._with_image(pixels, latent_mask[None, None].to(init_latent.device), generator,
+                                             src_cond, dst_cond, uncond)
             latents, _ = edit_latent(sampler, init_latent.expand(n_samples, *init_latent.shape[1:]), latent_mask,
-                                     src_cond, dst_cond, uncond, encode_ratio, steps, encode_type, scale, generator,
-                                     verbose, decoder)
+                                     *conditionings, encode_ratio, steps, encode_type, scale, generator, verbose,
+                                     decoder)
             return Edited(*self._checked_images(latents), latent_mask.cpu())
+
+    def _with_image(self, pixels: torch.Tensor, latent: torch.Tensor, generator: torch.Generator | None,
+                    *conditionings: torch.Tensor | None, repaint: torch.Tensor | None = None) -> list[Any]:
+        """For an inpainting checkpoint, each text conditioning joined with the mask (``latent`` (1, 1, h, w), 1 =
+        repaint) and the image with the pixels of ``repaint`` (default: ``latent``'s nearest upsampling) zeroed, as
+        it was trained to see them; for other models the conditionings as they are."""
+        if not hasattr(self.model, "concat_conditioning"):
+            return list(conditionings)
+        if repaint is None:
+            repaint = torch.nn.functional.interpolate(latent, size=tuple(pixels.shape[-2:]), mode="nearest")
+        concat = self.model.concat_conditioning(pixels, repaint.to(pixels.device), latent, generator)
+        return [None if c is None else {"c_concat": [concat.expand(len(c), -1, -1, -1)], "c_crossattn": [c]}
+                for c in conditionings]
+
+    def inpaint(self, image: ImageInput, mask: Image.Image | torch.Tensor | np.ndarray, prompts: str | Sequence[str],
+                *, steps: int = 50, scale: float = 7.5, negative_prompt: str = "", strength: float = 1.0,
+                eta: float = 0.0, generator: torch.Generator | None = None, callback: StepCallback | None = None,
+                verbose: bool = False) -> Edited:
+        """Each prompt's picture of ``image`` (batch 1) repainted where ``mask`` is white (or 1; any size, resized to
+        the image), with the pipeline's sampler (:mod:`ldm.editing.inpainting`).
+
+        ``strength`` 1 (the default, as RunwayML's inpainting scripts) starts the masked region from pure noise;
+        below 1 it starts from the image noised to that ratio, as img2img. Outside the mask the result's latent is
+        the image's own.
+        """
+        if not 0.0 < strength <= 1.0:
+            raise ParameterError("strength", f"must be in (0, 1], got {strength}")
+        prompts = self._activate_loras(_prompt_list(prompts))
+        pixels = self._image_tensor(image)[:1]
+        n = len(prompts)
+        with self._scope():
+            c, uc = self._conditioning(prompts, negative_prompt, scale)
+            known = encode_images(self.model, pixels, generator)
+            repaint = pixel_mask(mask, tuple(pixels.shape[-2:])).to(pixels.device)
+            latent = latent_mask(repaint, self.geometry.factor).to(known.device)
+            c, uc = self._with_image(pixels, latent, generator, c, uc, repaint=repaint)
+            sampler = self._make_sampler(KnownRegion(self.model, known, latent))
+            if strength == 1.0:
+                latents, _ = sampler.sample(S=steps, batch_size=n, shape=tuple(known.shape[1:]), conditioning=c,
+                                            callback=callback, eta=eta, verbose=verbose,
+                                            unconditional_guidance_scale=scale, unconditional_conditioning=uc,
+                                            generator=generator)
+            else:
+                latents = sampler.img2img(known.expand(n, -1, -1, -1), strength, steps, c,
+                                          unconditional_guidance_scale=scale, unconditional_conditioning=uc, eta=eta,
+                                          generator=generator, callback=callback, verbose=verbose)
+            latents = latent * latents + (1 - latent) * known
+            return Edited(*self._checked_images(latents), latent[0, 0].cpu())
 
     def initial_noise(self, batch_size: int, height: int | None = None, width: int | None = None,
                       generator: torch.Generator | None = None) -> torch.Tensor:
@@ -467,6 +523,12 @@ class Pipeline:
             if wanted:
                 self._merged = apply_loras(self.model, wanted)
         return texts
+
+    def _make_sampler(self, model) -> Sampler:
+        """The pipeline's sampler (as chosen at construction) for ``model``."""
+        choice = self._sampler_choice
+        return make_sampler(choice["name"], model, choice["schedule"], eta_ancestral=choice["eta_ancestral"],
+                            s_noise=choice["s_noise"])
 
     @contextlib.contextmanager
     def _scope(self) -> Iterator[None]:

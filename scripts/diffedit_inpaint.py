@@ -11,18 +11,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from PIL import Image
-
 from ldm.cli import (ScriptParser, add_checkpoint_arguments, add_extra_arguments, add_sampler_arguments, check_fits,
-                     check_lora_tags, check_one_process, check_values, clean_exit, finite_float, pipeline_from_args)
+                     check_lora_tags, check_one_process, check_values, clean_exit, finite_float, load_mask,
+                     pipeline_from_args)
 from ldm.editing.diffedit import ENCODE_TYPES, mask_image
-from ldm.generation import Geometry, load_image, open_image
+from ldm.generation import Geometry, image_to_tensor, open_image
 from ldm.models.diffusion.samplers import SIGMA_METHODS, check_sampler
 from ldm.models.loading import load_config
 from ldm.output import ImageWriter, check_writable, to_pil
 from ldm.util import InputError
-
-ASPECT_TOLERANCE = 0.02  # a user mask may differ this much in aspect ratio from the image before we refuse it
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,16 +43,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_checkpoint_arguments(parser)
     add_extra_arguments(parser)
     return parser.parse_args(argv)
-
-
-def load_mask(path: str, image_size: tuple[int, int]) -> Image.Image:
-    """The user mask, refused if its aspect ratio differs from the image's (it is resized to the latent grid)."""
-    mask = open_image(path, "--mask")
-    height, width = image_size
-    if abs(mask.width / mask.height - width / height) > ASPECT_TOLERANCE * width / height:
-        raise InputError(f"--mask {path} is {mask.width}×{mask.height} but the image is {width}×{height}: give a "
-                         "mask with the image's aspect ratio")
-    return mask
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -85,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     check_one_process("diffedit_inpaint.py")
     check_args(args)
     config = load_config(args.config)
-    init_image = load_image(args.init_img, Geometry.of(config).multiple)
+    picture = open_image(args.init_img, "--init-img")
+    user_mask = load_mask(args.mask, (picture.height, picture.width)) if args.mask else None
+    init_image = image_to_tensor(picture, Geometry.of(config).multiple, Path(args.init_img).name)
     image_size = tuple(init_image.shape[-2:])
-    user_mask = load_mask(args.mask, image_size) if args.mask else None
     check_fits(args, config, args.n_samples, *image_size)
     pipeline = pipeline_from_args(args, config, args.sampler or "dpm_solver", f"{image_size[1]}×{image_size[0]}")
 

@@ -34,8 +34,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                           help="if enabled, uses the same starting code across samples")
     add_model_arguments(parser, n_iter=2, n_samples=3, scale=7.5)
     add_size_arguments(parser)
-    parser.group("output").add_argument("--H", type=int, default=512, help="image height, in pixel space")
-    parser.group("output").add_argument("--W", type=int, default=512, help="image width, in pixel space")
+    parser.group("output").add_argument("--H", type=int, default=None,
+                                        help="image height, in pixel space (default: the config's native size, 512 "
+                                             "for SD v1, 768 for v2-inference-v)")
+    parser.group("output").add_argument("--W", type=int, default=None, help="image width, in pixel space (default: "
+                                                                            "as --H)")
     add_extra_arguments(parser)
     add_run_arguments(parser)
     parser.group("prompt").add_argument("--from-png", type=str, default=None, metavar="FILE",
@@ -68,7 +71,9 @@ def draw(args: argparse.Namespace, process) -> None:
     per_image = args.seed_mode == "per_image"
     source, batches = (prompt_source(args), None) if per_image else (None, prompt_batches(args))
     config = load_config(args.config)
-    Geometry.of(config).check(args.H, args.W, args.C, args.f)
+    geometry = Geometry.of(config)
+    args.H, args.W = (geometry.native_size if side is None else side for side in (args.H, args.W))
+    geometry.check(args.H, args.W, args.C, args.f)
     check_fits(args, config, args.n_samples, args.H, args.W)
     pipeline = pipeline_from_args(args, config, sampler_name(args), f"{args.W}×{args.H}")
     metadata = dict(negative_prompt=args.negative_prompt, seed=args.seed, **pipeline.sampler_metadata(),

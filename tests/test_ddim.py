@@ -64,8 +64,9 @@ def test_matches_diffusers_ddim_scheduler(steps, eta):
     torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
 
 
-def test_deterministic_ddim_converges_at_order_one_to_the_exact_solution():
-    model = GaussianLatentDiffusion()
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
+def test_deterministic_ddim_converges_at_order_one_to_the_exact_solution(parameterization):
+    model = GaussianLatentDiffusion(parameterization=parameterization)
     errors = {}
     for steps in (100, 200):
         x_T = start()

@@ -13,14 +13,16 @@ MU, S = 0.3, 0.5
 SD_SCHEDULE = NoiseScheduleVP("discrete", alphas_cumprod=SD_ALPHAS_CUMPROD)
 
 
-def analytic_model(schedule: NoiseScheduleVP, mu=MU):
-    """The ideal ε as a network in the model_wrapper's convention: model(x, t_input[, cond])."""
+def analytic_model(schedule: NoiseScheduleVP, mu=MU, model_type: str = "noise"):
+    """The ideal ε as a network in the model_wrapper's convention: model(x, t_input[, cond]); with ``model_type``
+    "v" the same model answering in v = α·ε − σ·x̂_0 (SD 2's v-prediction)."""
     def model(x, t_input, cond=None):
         t = (t_input + 1) / schedule.total_N if schedule.schedule == "discrete" else t_input
         shape = (-1, *([1] * (x.dim() - 1)))
         alpha = schedule.marginal_alpha(t.double()).to(x.dtype).view(shape)
         sigma = schedule.marginal_std(t.double()).to(x.dtype).view(shape)
-        return ideal_noise(x, alpha, sigma, mu if cond is None else cond.view(shape), S)
+        eps = ideal_noise(x, alpha, sigma, mu if cond is None else cond.view(shape), S)
+        return alpha * eps - sigma * (x - sigma * eps) / alpha if model_type == "v" else eps
     return model
 
 
@@ -31,7 +33,9 @@ def start_noise(seed: int = 0) -> torch.Tensor:
 def solve_error(steps: int, schedule=SD_SCHEDULE, **sample_kwargs) -> float:
     """max |DPM-Solver − exact| from t = T to t = 1/N."""
     solver_kwargs = {k: sample_kwargs.pop(k) for k in ("algorithm_type",) if k in sample_kwargs}
-    solver = DPM_Solver(model_wrapper(analytic_model(schedule), schedule), schedule, **solver_kwargs)
+    model_type = sample_kwargs.pop("model_type", "noise")
+    solver = DPM_Solver(model_wrapper(analytic_model(schedule, model_type=model_type), schedule,
+                                      model_type=model_type), schedule, **solver_kwargs)
     x_T = start_noise()
     x_0 = solver.sample(x_T, steps=steps, **sample_kwargs)
     t_T, t_0 = torch.tensor([schedule.T], dtype=torch.float64), torch.tensor([1.0 / schedule.total_N],
@@ -44,11 +48,12 @@ def fitted_order(steps_a: int, steps_b: int, **kwargs) -> float:
     return math.log(solve_error(steps_a, **kwargs) / solve_error(steps_b, **kwargs)) / math.log(steps_b / steps_a)
 
 
+@pytest.mark.parametrize("model_type", ["noise", "v"])
 @pytest.mark.parametrize("algorithm_type", ["dpmsolver", "dpmsolver++"])
 @pytest.mark.parametrize("solver_type", ["dpmsolver", "taylor"])
-def test_multistep_second_order_converges_at_order_two(algorithm_type, solver_type):
+def test_multistep_second_order_converges_at_order_two(algorithm_type, solver_type, model_type):
     order = fitted_order(20, 40, algorithm_type=algorithm_type, order=2, method="multistep", skip_type="logSNR",
-                         solver_type=solver_type)
+                         solver_type=solver_type, model_type=model_type)
     assert 1.8 < order < 2.3
 
 

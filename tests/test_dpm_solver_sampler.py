@@ -139,23 +139,11 @@ def test_the_callback_gets_the_data_prediction_each_step_was_taken_with():
 
 
 def test_v_prediction_models_are_sampled_through_model_type_v():
-    eps_model = GaussianLatentDiffusion()
-
-    class VModel(GaussianLatentDiffusion):
-        parameterization = "v"
-
-        def apply_model(self, x, t, cond=None):
-            eps = eps_model.apply_model(x, t, cond)
-            shape = (-1, *([1] * (x.dim() - 1)))
-            log_alpha = torch.from_numpy(np.interp(t.double().numpy(), np.arange(1000),
-                                                   0.5 * np.log(SD_ALPHAS_CUMPROD.double().numpy())))
-            alpha = log_alpha.exp().view(shape)
-            sigma = (1 - alpha ** 2).sqrt()
-            return (alpha * eps - sigma * (x - sigma * eps) / alpha).to(x.dtype)  # v = α·ε − σ·x_0
+    eps_model, v_model = GaussianLatentDiffusion(), GaussianLatentDiffusion(parameterization="v")
 
     x_T = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    from_eps, _ = DPMSolverSampler(GaussianLatentDiffusion()).sample(20, 2, SHAPE, x_T=x_T, verbose=False)
-    from_v, _ = DPMSolverSampler(VModel()).sample(20, 2, SHAPE, x_T=x_T, verbose=False)
+    from_eps, _ = DPMSolverSampler(eps_model).sample(20, 2, SHAPE, x_T=x_T, verbose=False)
+    from_v, _ = DPMSolverSampler(v_model).sample(20, 2, SHAPE, x_T=x_T, verbose=False)
     torch.testing.assert_close(from_v, from_eps, rtol=1e-6, atol=1e-6)
 
 

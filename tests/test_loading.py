@@ -308,3 +308,34 @@ def test_a_full_checkpoint_gives_its_ema_weights_when_asked(tiny_state_dict, tmp
     save_file(tiny_state_dict, tmp_path / "pruned.safetensors")
     with pytest.raises(CheckpointError, match="has no EMA weights"):
         load_model(TINY_CONFIG, tmp_path / "pruned.safetensors", ema=True)
+
+
+CONFIGS = TINY_CONFIG.parent
+
+
+@pytest.mark.parametrize("checkpoint_config, config, hint", [
+    ("v2-tiny-v.yaml", "v1-tiny.yaml", r"checkpoint is an SD 2.x model \(OpenCLIP.*config builds an SD v1 model.*"
+                                       r"v2-inference-v.yaml.*v2-inference.yaml"),
+    ("v1-tiny.yaml", "v2-tiny.yaml", "checkpoint is an SD v1 model .*SD 2.x.*--config configs/stable-diffusion/"
+                                     r"v1-inference.yaml$"),
+    ("v1-inpainting-tiny.yaml", "v1-tiny.yaml", "checkpoint is an SD v1 inpainting model .*"
+                                                "v1-inpainting-inference.yaml"),
+    ("v1-tiny.yaml", "v1-inpainting-tiny.yaml", "checkpoint is an SD v1 model .*builds an SD v1 inpainting model"
+                                                r".*v1-inference.yaml$")])
+def test_a_checkpoint_of_another_family_is_refused_naming_the_config(checkpoint_config, config, hint, tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in build_model(CONFIGS / checkpoint_config).state_dict().items()}, path)
+    with pytest.raises(CheckpointError, match=hint) as error:
+        load_model(CONFIGS / config, path)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["v2-tiny.yaml", "v2-tiny-v.yaml", "v1-inpainting-tiny.yaml"])
+def test_sd2_and_inpainting_checkpoints_load_whole(name, tmp_path, caplog):
+    model = randomize_parameters_(build_model(CONFIGS / name), seed=4)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    with caplog.at_level(logging.DEBUG, logger="ldm"):
+        loaded = load_model(CONFIGS / name, path)
+    assert "0 missing, 0 unexpected, 0 skipped" in caplog.text
+    assert_same_weights(loaded, model.state_dict())

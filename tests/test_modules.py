@@ -1,4 +1,5 @@
-"""The text encoder: CLIP tokenizer ids as open_clip's (padded with 49407), outputs as transformers' CLIPTextModel."""
+"""The text encoders: CLIP tokenizer ids as open_clip's (padded with 49407 for v1, 0 for SD 2), outputs as
+transformers' CLIPTextModel (v1) and CLIPTextModelWithProjection on diffusers' OpenCLIP conversion (SD 2)."""
 
 import logging
 
@@ -8,9 +9,12 @@ import torch
 from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
 from safetensors.torch import save_file
 
+from conftest import ROOT
+from ldm.models.loading import build_model
 from ldm.modules.encoders.modules import END_OF_TEXT, START_OF_TEXT, FrozenCLIPEmbedder, clip_tokenizer
-from ldm.testing.diffusers_interop import diffusers_pipeline, transformers_text_encoder
-from ldm.util import InputError, count_params
+from ldm.testing.diffusers_interop import (diffusers_pipeline, transformers_openclip_text_encoder,
+                                           transformers_text_encoder)
+from ldm.util import InputError, count_params, randomize_parameters_
 
 PROMPTS = [
     "a photograph of an astronaut riding a horse",
@@ -248,3 +252,86 @@ def test_emphasis_none_is_the_original_conditioning_and_long_prompts_have_no_lim
     encoder.emphasis = "original"
     assert not torch.allclose(literal, encoder(["(a cat:1.3)"]))
     assert encoder([" ".join(["cat"] * 10_000)]).shape == (1, 77 * 134, 32)  # 10 000 tokens: 134 chunks
+
+
+# SD 2: open_clip's text tower (a tiny one with random weights; the full ViT-H/14 only as a layout on meta).
+V2_TINY = ROOT / "configs/stable-diffusion/v2-tiny-v.yaml"
+
+
+@pytest.fixture(scope="module")
+def openclip_model():
+    return randomize_parameters_(build_model(V2_TINY), seed=3).eval()
+
+
+def test_sd2_tokens_are_open_clips_padded_with_zero(openclip_model):
+    """SD 2 pads with 0 after the end token (open_clip's tokenizer); v1 pads with the end token."""
+    encoder = openclip_model.cond_stage_model
+    reference = open_clip.tokenizer.SimpleTokenizer()(PROMPTS, context_length=77)
+    assert torch.equal(encoder.tokenize(PROMPTS), reference)
+    assert encoder.tokenize([""])[0].tolist() == [START_OF_TEXT, END_OF_TEXT] + [0] * 75
+    bracket_free = [prompt for prompt in PROMPTS if not set("()[]\\") & set(prompt)
+                    and len(clip_tokenizer()(prompt).input_ids) <= 77]
+    chunk_tokens = torch.tensor([encoder._padded(torch.tensor([encoder.chunks(p)[0].tokens]))[0].tolist()
+                                 for p in bracket_free])
+    assert torch.equal(chunk_tokens, open_clip.tokenizer.SimpleTokenizer()(bracket_free, context_length=77))
+
+
+def test_sd2_text_encoder_matches_transformers_through_diffusers_converter(openclip_model):
+    """Our open_clip tower, penultimate layer, against transformers' CLIPTextModel on the weights
+    diffusers' ``convert_open_clip_checkpoint`` gives it (the tiny tower keeps all 3 blocks there, so its
+    penultimate hidden state is read through the final LayerNorm by hand)."""
+    encoder = openclip_model.cond_stage_model
+    reference = transformers_openclip_text_encoder(openclip_model.state_dict(), encoder)
+    bracket_free = [prompt for prompt in PROMPTS if not set("()[]\\") & set(prompt)
+                    and len(clip_tokenizer()(prompt).input_ids) <= 77]
+    with torch.no_grad():
+        ours = openclip_model.get_learned_conditioning(bracket_free)
+        hidden = reference(input_ids=encoder.tokenize(bracket_free), output_hidden_states=True).hidden_states[-2]
+        theirs = reference.final_layer_norm(hidden)
+        encoder.clip_skip = 2
+        skipped = openclip_model.get_learned_conditioning(bracket_free)
+        encoder.clip_skip = 1
+        hidden = reference(input_ids=encoder.tokenize(bracket_free), output_hidden_states=True).hidden_states[-3]
+    assert ours.shape == (len(bracket_free), 77, 32)
+    assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+    assert (skipped - reference.final_layer_norm(hidden)).abs().max() <= 1e-4 * theirs.abs().max()
+
+
+def test_sd2_text_encoder_layout_loads_strict_into_transformers():
+    """The full ViT-H/14 tower (meta): diffusers' converter drops block 24, the projection and the logit scale; the
+    rest loads strictly."""
+    model = build_model(ROOT / "configs/stable-diffusion/v2-inference-v.yaml", meta=True)
+    encoder = model.cond_stage_model
+    reference = transformers_openclip_text_encoder(model.state_dict(), encoder, meta=True)
+    config = reference.config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.intermediate_size,
+            config.vocab_size) == (1024, 23, 16, 4096, 49408)
+    assert count_params(encoder) == 354_032_641  # 24 blocks, projection and logit scale, as the checkpoint
+    assert count_params(reference) == 340_387_840  # 23 blocks: what diffusers' SD 2 text_encoder holds
+    assert encoder.num_layers == 23 and encoder.width == 1024
+
+
+def test_sd2_embeddings_go_in_place_of_their_word_as_with_v1(openclip_model, tmp_path):
+    """A textual-inversion file's vectors replace the token embeddings of its word, before the positions are added
+    and the (causal) blocks run; an embedding of v1's width is refused."""
+    encoder = openclip_model.cond_stage_model
+    vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
+    save_file({"emb_params": vectors}, tmp_path / "thing.safetensors")
+    save_file({"emb_params": torch.zeros(1, 768)}, tmp_path / "wide.safetensors")
+    with pytest.raises(InputError, match="width 768"):
+        encoder.load_embeddings(tmp_path / "wide.safetensors")
+    assert encoder.load_embeddings(tmp_path / "thing.safetensors") == ["thing"]
+    tower = encoder.model
+    try:
+        with torch.no_grad():
+            ours = openclip_model.get_learned_conditioning(["a thing"])
+            ids = torch.tensor([[START_OF_TEXT, clip_tokenizer()("a").input_ids[1], 0, 0, END_OF_TEXT] + [0] * 72])
+            x = tower.token_embedding(ids)
+            x[0, 2:4] = vectors
+            x = x + tower.positional_embedding
+            for block in tower.transformer.resblocks[:encoder.num_layers]:
+                x = block(x, attn_mask=tower.attn_mask)
+            expected = tower.ln_final(x)
+        torch.testing.assert_close(ours, expected)
+    finally:
+        encoder.embeddings.clear()

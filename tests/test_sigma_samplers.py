@@ -161,9 +161,12 @@ CONVERGENCE = [
 ]
 
 
+@pytest.mark.parametrize("parameterization", ["eps", "v"])
 @pytest.mark.parametrize("name, schedule, options, steps, orders", CONVERGENCE,
                          ids=[f"{c[0]}-{c[1]}" for c in CONVERGENCE])
-def test_converges_at_its_order(name, schedule, options, steps, orders, model, x_T):
+def test_converges_at_its_order(name, schedule, options, steps, orders, parameterization, x_T):
+    """The exact-solution test, with the ideal model answering in ε and in v (SD 2's v-prediction)."""
+    model = GaussianLatentDiffusion(MU, S, sigma_space=True, parameterization=parameterization)
     coarse, fine = (rms_error(model, name, schedule, n, x_T, **options) for n in steps)
     order = math.log(coarse / fine) / math.log(steps[1] / steps[0])
     assert orders[0] <= order <= orders[1], (coarse, fine, order)
@@ -254,21 +257,8 @@ def test_img2img_runs_the_tail_of_the_grid_as_a1111(model):
     assert math.isclose(model.timesteps_seen[0], sampler.sigmas.timestep(sampler.grid(10)[4]), rel_tol=1e-5)
 
 
-class VPredictionGaussian(GaussianLatentDiffusion):
-    """The same ideal model, answering in v = α·ε − σ·x_0 (Salimans & Ho 2022)."""
-
-    parameterization = "v"
-
-    def apply_model(self, x, t, cond=None):
-        eps = super().apply_model(x, t, cond)
-        log_sigma = np.interp(t.double().numpy(), np.arange(1000), DiscreteSigmas(self.alphas_cumprod).log_sigmas)
-        sigma = torch.from_numpy(np.exp(log_sigma)).to(x.dtype).view(-1, 1, 1, 1)
-        alpha, sigma_vp = (1 + sigma ** 2).rsqrt(), sigma * (1 + sigma ** 2).rsqrt()
-        return alpha * eps - sigma_vp * (x - sigma_vp * eps) / alpha
-
-
 def test_v_prediction_models_give_the_same_samples(model, x_T):
-    v_model = VPredictionGaussian(MU, S, sigma_space=True)
+    v_model = GaussianLatentDiffusion(MU, S, sigma_space=True, parameterization="v")
     for name in ("euler", "dpmpp_2m", "uni_pc"):
         grid = SigmaSampler(model, name).grid(8)
         assert torch.allclose(ours(v_model, name, grid, x_T), ours(model, name, grid, x_T), atol=1e-5)

@@ -23,7 +23,7 @@ txt2img = load_script("txt2img")
 ORIGINAL_DEFAULTS = dict(
     prompt="a painting of a virus monster playing guitar", outdir="outputs/txt2img-samples", skip_grid=False,
     skip_save=False, ddim_steps=50, plms=False, dpm_solver=False, laion400m=False, fixed_code=False, ddim_eta=0.0,
-    n_iter=2, H=512, W=512, n_samples=3, n_rows=0, scale=7.5, from_file=None,
+    n_iter=2, n_samples=3, n_rows=0, scale=7.5, from_file=None,
     config="configs/stable-diffusion/v1-inference.yaml", ckpt="models/ldm/stable-diffusion-v1/model.ckpt", seed=42)
 
 
@@ -43,6 +43,9 @@ def test_defaults_are_the_originals():
     assert (args.C, args.f) == (None, None)
     geometry = Geometry.of(load_config(ROOT / args.config))
     assert (geometry.latent_channels, geometry.factor) == (4, 8)
+    # --H and --W default to the config's native size: 512 for v1, as the original's default
+    assert (args.H, args.W, geometry.native_size) == (None, None, 512)
+    assert Geometry.of(load_config(ROOT / "configs/stable-diffusion/v2-inference-v.yaml")).native_size == 768
     assert args.negative_prompt == "" and args.device == "auto" and not args.no_safety_checker
     # the one changed default: float16 weights on GPUs, float32 on the CPU; the original's is --precision autocast
     assert args.precision == "auto" and txt2img.parse_args(["--precision", "autocast"]).precision == "autocast"
@@ -432,3 +435,16 @@ def test_bad_sampler_flags_are_one_line(change, message, tmp_path, tiny_checkpoi
     assert txt2img.main(tiny_run(tmp_path / "out", tiny_checkpoint, "--no_safety_checker", *change)) == 2
     assert_one_error_line(capsys, message)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("sampler", [["--dpm_solver"], ["--plms"], ["--sampler", "Euler a"]])
+def test_an_sd2_v_prediction_model_draws_at_its_configs_size(sampler, tmp_path):
+    config = ROOT / "configs/stable-diffusion/v2-tiny-v.yaml"
+    model = randomize_parameters_(build_model(config), seed=7)
+    checkpoint = tmp_path / "v2.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, checkpoint)
+    argv = ["--config", str(config), "--ckpt", str(checkpoint), "--ddim_steps", "3", "--n_samples", "1",
+            "--n_iter", "1", "--outdir", str(tmp_path / "out"), "--device", "cpu", "--no_safety_checker", *sampler]
+    assert txt2img.main(argv) == 0
+    image = Image.open(tmp_path / "out" / "samples" / "00000.png")
+    assert image.size == (64, 64) and image.text["size"] == "64x64"

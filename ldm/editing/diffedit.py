@@ -50,6 +50,9 @@ def estimate_mask(sampler: DPMSolverSampler, init_latent: torch.Tensor, src_cond
 
 
 def _repeat(cond: Any, n: int) -> Any:
+    """A conditioning of batch 1 (a tensor, or an inpainting model's dict of lists of them) as batch n."""
+    if isinstance(cond, dict):
+        return {key: [_repeat(part, n) for part in parts] for key, parts in cond.items()}
     return None if cond is None else cond.expand(n, *cond.shape[1:]) if cond.shape[0] == 1 else cond
 
 

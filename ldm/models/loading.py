@@ -252,9 +252,51 @@ def _is_skipped(key: str, model: nn.Module) -> bool:
     return key.startswith("cond_stage_model.") and key.endswith(".position_ids")
 
 
+# The model families a checkpoint's keys tell apart: its text encoder (where the keys live) and its UNet's input
+# channels (9 for inpainting: latent, mask, masked-image latent), with the config that fits each.
+TEXT_ENCODERS = {"cond_stage_model.transformer.text_model.": ("SD v1", "CLIP ViT-L/14 text encoder"),
+                 "cond_stage_model.model.transformer.": ("SD 2.x", "OpenCLIP ViT-H/14 text encoder")}
+UNET_INPUT = "model.diffusion_model.input_blocks.0.0.weight"
+FAMILY_CONFIGS = {
+    ("SD v1", False): "configs/stable-diffusion/v1-inference.yaml",
+    ("SD v1", True): "configs/stable-diffusion/v1-inpainting-inference.yaml",
+    ("SD 2.x", False): "configs/stable-diffusion/v2-inference-v.yaml (768-v checkpoints: 768-v-ema, v2-1_768-*) or "
+                       "configs/stable-diffusion/v2-inference.yaml (512-base ones: 512-base-ema, v2-1_512-*)",
+    ("SD 2.x", True): "configs/stable-diffusion/v2-inpainting-inference.yaml",
+}
+
+
+def model_family(state_dict: Mapping[str, torch.Tensor]) -> tuple[tuple[str, str] | None, bool | None]:
+    """((family, text encoder), inpainting UNet?) from a state dict's keys and the UNet's input shape; None where
+    the keys do not say."""
+    text = next((family for prefix, family in TEXT_ENCODERS.items() if any(key.startswith(prefix)
+                                                                          for key in state_dict)), None)
+    first = state_dict.get(UNET_INPUT)
+    return text, None if first is None or first.dim() != 4 else first.shape[1] == 9
+
+
+def _describe(text: tuple[str, str], inpaint: bool | None) -> str:
+    return f"an {text[0]}{' inpainting' if inpaint else ''} model ({text[1]})"
+
+
+def check_family(model_state: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint of another family than the config's (SD 2 given with a v1 config, an inpainting UNet
+    with a text-to-image config, …) in one line that names the config to use: shapes alone would say only that
+    hundreds of weights disagree."""
+    (model_text, model_inpaint), (text, inpaint) = model_family(model_state), model_family(state_dict)
+    if None in (model_text, text) or text == model_text and (None in (inpaint, model_inpaint)
+                                                             or inpaint == model_inpaint):
+        return
+    raise CheckpointError(f"the checkpoint is {_describe(text, inpaint)}, but the config builds "
+                          f"{_describe(model_text, model_inpaint)}: use --config "
+                          f"{FAMILY_CONFIGS[text[0], bool(inpaint)]}")
+
+
 def match_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> LoadReport:
-    """Compare a state dict with a model's; raise if shapes disagree or nothing matches."""
+    """Compare a state dict with a model's; raise if it is another family's (:func:`check_family`), if shapes
+    disagree or if nothing matches."""
     expected = model.state_dict(keep_vars=True)
+    check_family(expected, state_dict)
     report = LoadReport()
     mismatched = []
     for key, tensor in state_dict.items():
@@ -270,7 +312,7 @@ def match_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -
     report.missing = [key for key in expected if key not in state_dict]
     if not report.loaded:
         raise CheckpointError(f"the checkpoint matches none of the model's {len(expected)} weights: "
-                              "is it a Stable Diffusion v1 checkpoint for this config?")
+                              "is it a Stable Diffusion checkpoint for this config?")
     if mismatched:
         raise CheckpointError(f"the checkpoint does not fit this config ({len(mismatched)} shape mismatches; "
                               f"{mismatched[0]}): is it the config of this checkpoint?")

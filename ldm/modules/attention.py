@@ -3,7 +3,13 @@
 ``SpatialTransformer`` flattens a feature map to tokens, runs ``BasicTransformerBlock``s
 (self-attention, cross-attention on the text context, gated feed-forward) and adds the result back.
 Attention is ``torch.nn.functional.scaled_dot_product_attention``: softmax(q·kᵀ/√d)·v, no mask.
+
+SD 2.x adds two options: ``use_linear`` (the transformer's in/out projections as linear layers on the tokens instead
+of 1×1 convolutions: the same map, stored as (out, in) matrices) and ``upcast`` (attention in float32 for float16
+weights; see :class:`CrossAttention`).
 """
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -36,15 +42,31 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
+FLOAT32_SCORE_DEVICES = ("cuda", "cpu")  # where SDPA accumulates q·kᵀ of float16 inputs in float32
+
+
+def attends_in_float32(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether an upcasting :class:`CrossAttention` casts inputs of ``dtype`` on ``device`` to float32."""
+    return dtype == torch.float16 and device.type not in FLOAT32_SCORE_DEVICES
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention of ``x`` on ``context`` (on ``x`` itself when no context is given).
 
     q, k, v projections have no bias; the output projection has one. x: (B, N, query_dim),
     context: (B, M, context_dim) → (B, N, query_dim).
+
+    ``upcast``: attend in float32 where float16 scores could overflow. SD 2.1's activations make q·kᵀ exceed
+    float16's 65 504 (the black-image failure of fp16 SD 2.1), and a kernel that forms the scores in float16 then
+    gives inf/NaN. The original SD 2 code casts q and k to float32 before q·kᵀ on its plain attention path
+    (``ATTN_PRECISION=fp32``, its default) and not on its xformers path, whose fused kernels accumulate in float32.
+    Here PyTorch's SDPA kernels on CUDA and on the CPU (every backend, measured in the tests) accumulate the scores
+    in float32 too, so nothing is cast there; on other devices (MPS) float16 inputs are attended in float32.
+    bfloat16 has float32's range and is never cast.
     """
 
     def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, upcast: bool = False):
         super().__init__()
         inner_dim = dim_head * heads
         context_dim = query_dim if context_dim is None else context_dim
@@ -54,16 +76,21 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
         self.query_slice = 0  # attend with at most this many query tokens at a time (0: all); see set_attention_slicing
+        self.upcast = upcast
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
         q, k, v = (self._split_heads(proj(inp)) for proj, inp in
                    ((self.to_q, x), (self.to_k, context), (self.to_v, context)))
+        dtype = q.dtype
+        if self.upcast and attends_in_float32(dtype, q.device):
+            q, k, v = q.float(), k.float(), v.float()
         if 0 < self.query_slice < q.shape[2]:
             out = torch.cat([F.scaled_dot_product_attention(q_slice, k, v)
                              for q_slice in q.split(self.query_slice, dim=2)], dim=2)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
+        out = out.to(dtype)
         batch, heads, tokens, dim_head = out.shape
         return self.to_out(out.transpose(1, 2).reshape(batch, tokens, heads * dim_head))
 
@@ -76,12 +103,12 @@ class BasicTransformerBlock(nn.Module):
     """x += attn1(norm1 x); x += attn2(norm2 x, context); x += ff(norm3 x)."""
 
     def __init__(self, dim: int, n_heads: int, d_head: int, dropout: float = 0.0, context_dim: int | None = None,
-                 use_checkpoint: bool = True):
+                 use_checkpoint: bool = True, upcast: bool = False):
         super().__init__()
-        self.attn1 = CrossAttention(query_dim=dim, heads=n_heads, dim_head=d_head, dropout=dropout)
+        self.attn1 = CrossAttention(query_dim=dim, heads=n_heads, dim_head=d_head, dropout=dropout, upcast=upcast)
         self.ff = FeedForward(dim, dropout=dropout)
         self.attn2 = CrossAttention(query_dim=dim, context_dim=context_dim, heads=n_heads, dim_head=d_head,
-                                    dropout=dropout)
+                                    dropout=dropout, upcast=upcast)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
@@ -97,31 +124,43 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Transformer over the pixels of a feature map: GroupNorm, 1×1 conv in, blocks, 1×1 conv out, residual.
+    """Transformer over the pixels of a feature map: GroupNorm, projection in, blocks, projection out, residual.
 
-    x: (B, C, H, W), context: (B, M, context_dim) → (B, C, H, W).
+    The projections are 1×1 convolutions (SD v1) or, with ``use_linear``, linear layers applied to the tokens
+    (SD 2.x). x: (B, C, H, W), context: (B, M, context_dim) → (B, C, H, W).
     """
 
     def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1, dropout: float = 0.0,
-                 context_dim: int | None = None, use_checkpoint: bool = True, num_groups: int = 32):
+                 context_dim: int | None = None, use_checkpoint: bool = True, num_groups: int = 32,
+                 use_linear: bool = False, upcast: bool = False):
         super().__init__()
         inner_dim = n_heads * d_head
+        self.use_linear = use_linear
         self.norm = nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
-        self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
+        projection = nn.Linear if use_linear else functools.partial(nn.Conv2d, kernel_size=1)
+        self.proj_in = projection(in_channels, inner_dim)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner_dim, n_heads, d_head, dropout=dropout, context_dim=context_dim,
-                                  use_checkpoint=use_checkpoint)
+                                  use_checkpoint=use_checkpoint, upcast=upcast)
             for _ in range(depth))
-        self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, kernel_size=1))
+        self.proj_out = zero_module(projection(inner_dim, in_channels))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         batch, _, height, width = x.shape
-        h = self.proj_in(self.norm(x))
+        h = self.norm(x)
+        if not self.use_linear:
+            h = self.proj_in(h)
         h = h.flatten(2).transpose(1, 2)
+        if self.use_linear:
+            h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, context=context)
+        if self.use_linear:
+            h = self.proj_out(h)
         h = h.transpose(1, 2).reshape(batch, -1, height, width)
-        return self.proj_out(h) + x
+        if not self.use_linear:
+            h = self.proj_out(h)
+        return h + x
 
 
 def set_attention_slicing(model: nn.Module, query_tokens: int) -> None:

@@ -49,19 +49,23 @@ def ideal_denoiser(x: torch.Tensor, sigma: float, mu, s: float) -> torch.Tensor:
 
 
 class GaussianLatentDiffusion:
-    """Stands in for LatentDiffusion: SD v1's schedule and the ideal ε for Gaussian data N(μ, s²).
+    """Stands in for LatentDiffusion: SD v1's schedule and the ideal predictor for Gaussian data N(μ, s²).
 
     Between integer timesteps, log α is linear (DPM-Solver's discrete schedule), or with ``sigma_space`` log σ
     (k-diffusion's), so that the model is exact for the samplers that step in that time.
+    ``parameterization`` ``"v"`` gives the same model as v = α·ε − σ·x̂_0 with x̂_0 = (x − σ·ε)/α (SD 2's
+    v-prediction, Salimans & Ho 2022); every sampler must then draw the same samples as from ``"eps"``.
 
     The conditioning, when given, is μ per sample, shape (B,); ``calls`` counts ``apply_model`` calls.
     """
 
-    parameterization = "eps"
     num_timesteps = 1000
 
-    def __init__(self, mu: float = 0.3, s: float = 0.5, device: str = "cpu", sigma_space: bool = False):
-        self.mu, self.s, self.sigma_space = mu, s, sigma_space
+    def __init__(self, mu: float = 0.3, s: float = 0.5, device: str = "cpu", sigma_space: bool = False,
+                 parameterization: str = "eps"):
+        if parameterization not in ("eps", "v"):
+            raise ValueError(f"parameterization must be eps or v, got {parameterization!r}")
+        self.mu, self.s, self.sigma_space, self.parameterization = mu, s, sigma_space, parameterization
         self.alphas_cumprod = SD_ALPHAS_CUMPROD.to(device)
         self.device = torch.device(device)
         self.calls = 0
@@ -71,7 +75,16 @@ class GaussianLatentDiffusion:
         self.calls += 1
         self.timesteps_seen.append(float(t[0]))
         shape = (-1, *([1] * (x.dim() - 1)))
-        alpha = (log_alpha_between_sigmas(t) if self.sigma_space else log_alpha_at(t)).exp().to(x.dtype).view(shape)
+        log_alpha = log_alpha_between_sigmas(t) if self.sigma_space else log_alpha_at(t)
+        alpha = log_alpha.exp().view(shape)
         sigma = (1 - alpha ** 2).sqrt()
-        mu = self.mu if cond is None else cond.to(x.dtype).view(shape)
-        return ideal_noise(x, alpha, sigma, mu, self.s)
+        mu = self.mu if cond is None else cond.double().view(shape)
+        eps = ideal_noise(x.double(), alpha, sigma, mu, self.s)
+        if self.parameterization == "v":
+            return (alpha * eps - sigma * (x.double() - sigma * eps) / alpha).to(x.dtype)
+        return eps.to(x.dtype)
+
+    def predict_eps_from_z_and_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """ε = √ᾱ_t·v + √(1 − ᾱ_t)·x_t at integer timesteps t, as LatentDiffusion's."""
+        alphas_cumprod = self.alphas_cumprod.to(x_t.device).double()[t.long()].view(-1, *([1] * (x_t.dim() - 1)))
+        return (alphas_cumprod.sqrt() * v + (1 - alphas_cumprod).sqrt() * x_t).to(x_t.dtype)

@@ -9,7 +9,8 @@ from typing import Any, Mapping
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                 convert_ldm_vae_checkpoint, create_unet_diffusers_config_from_ldm,
+                                                 convert_ldm_vae_checkpoint, convert_open_clip_checkpoint,
+                                                 create_unet_diffusers_config_from_ldm,
                                                  create_vae_diffusers_config_from_ldm)
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -44,6 +45,27 @@ def transformers_text_encoder(state_dict: Mapping[str, torch.Tensor], config: CL
                  convert_ldm_clip_checkpoint(dict(state_dict)).items() if not key.endswith("position_ids")}
     module = _build(CLIPTextModel, config, converted, meta)
     embeddings = module.embeddings  # its position_ids buffer is not in the state dict: on meta it stays empty
+    embeddings.position_ids = torch.arange(config.max_position_embeddings,
+                                           device=embeddings.token_embedding.weight.device)[None]
+    return module
+
+
+def transformers_openclip_text_encoder(state_dict: Mapping[str, torch.Tensor], embedder, meta: bool = False
+                                       ) -> CLIPTextModel:
+    """SD 2's text encoder as diffusers loads it: ``convert_open_clip_checkpoint`` (which leaves out ViT-H's 24th
+    block, as SD 2 reads the penultimate layer, and the projection and logit scale, which conditioning does not
+    use) into transformers' ``CLIPTextModel``, strictly."""
+    converted = {key.removeprefix("text_model."): value for key, value in
+                 convert_open_clip_checkpoint(None, dict(state_dict)).items() if not key.endswith("position_ids")}
+    tower = embedder.model
+    layers = len({key.split(".")[2] for key in converted if key.startswith("encoder.layers.")})
+    config = CLIPTextConfig(vocab_size=tower.token_embedding.num_embeddings, hidden_size=embedder.width,
+                            intermediate_size=tower.transformer.resblocks[0].mlp.c_fc.out_features,
+                            num_hidden_layers=layers, num_attention_heads=tower.transformer.resblocks[0].attn.num_heads,
+                            max_position_embeddings=tower.positional_embedding.shape[0], hidden_act="gelu",
+                            layer_norm_eps=1e-5)
+    module = _build(CLIPTextModel, config, converted, meta)
+    embeddings = module.embeddings
     embeddings.position_ids = torch.arange(config.max_position_embeddings,
                                            device=embeddings.token_embedding.weight.device)[None]
     return module

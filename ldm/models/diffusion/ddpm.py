@@ -266,3 +266,35 @@ class LatentDiffusion(DDPM):
             key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
             cond = {key: cond if isinstance(cond, (list, tuple)) else [cond]}
         return self.model(x_noisy, t, **cond)
+
+
+class LatentInpaintDiffusion(LatentDiffusion):
+    """Latent diffusion for inpainting (RunwayML's ``sd-v1-5-inpainting``, SD 2's ``512-inpainting``): the UNet reads
+    the noisy latent joined (``conditioning_key: hybrid``) with ``c_concat`` = [mask at latent size (1 = repaint),
+    latent of the image with the masked pixels zeroed] — 4 + 1 + 4 = 9 channels for SD — and the text through
+    cross-attention.
+
+    ``concat_keys``, ``masked_image_key``, ``finetune_keys`` and ``keep_finetune_dims`` are the original's training
+    settings (which dataset fields feed ``c_concat``; which weights were copied from a text-to-image model), read
+    and kept; sampling needs only :meth:`concat_conditioning`.
+    """
+
+    def __init__(self, *args: Any, concat_keys: Sequence[str] = ("mask", "masked_image"),
+                 masked_image_key: str = "masked_image", finetune_keys: Sequence[str] | None = None,
+                 keep_finetune_dims: int = 4, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.model.conditioning_key != "hybrid":
+            raise ValueError("an inpainting model needs conditioning_key: hybrid (mask and masked image joined to the "
+                             "latent, text through cross-attention)")
+        self.concat_keys, self.masked_image_key = tuple(concat_keys), masked_image_key
+        self.finetune_keys, self.keep_finetune_dims = finetune_keys, keep_finetune_dims
+
+    @torch.no_grad()
+    def concat_conditioning(self, image: torch.Tensor, pixel_mask: torch.Tensor, latent_mask: torch.Tensor,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+        """``c_concat`` for ``image`` (B, 3, H, W) in [−1, 1]: [``latent_mask`` (B, 1, h, w), z of
+        image·(pixel_mask < ½)] (B, 1 + C, h, w), as the original's ``make_batch_sd`` builds it (masked pixels
+        set to 0, the middle grey of [−1, 1]; one posterior sample)."""
+        masked = image * (pixel_mask < 0.5).to(image.dtype)
+        latent = self.get_first_stage_encoding(self.encode_first_stage(masked), generator).float()
+        return torch.cat([latent_mask.to(latent).expand(len(latent), -1, -1, -1), latent], dim=1)

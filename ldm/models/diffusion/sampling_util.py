@@ -90,12 +90,23 @@ def classifier_free_guidance(model: Callable[[torch.Tensor, torch.Tensor, Any], 
     """
     if uncond is None or scale == 1.0:
         return model(x, t, cond)
-    if isinstance(cond, torch.Tensor) and isinstance(uncond, torch.Tensor) and cond.shape[1:] != uncond.shape[1:]:
+    context, uncond_context = _text_context(cond), _text_context(uncond)
+    if (isinstance(context, torch.Tensor) and isinstance(uncond_context, torch.Tensor)
+            and context.shape[1:] != uncond_context.shape[1:]):
         # prompt and negative prompt of different lengths (chunks of 77): two calls, as AUTOMATIC1111 does by default
         out_uncond, out_cond = model(x, t, uncond), model(x, t, cond)
     else:
         out_uncond, out_cond = model(torch.cat([x, x]), torch.cat([t, t]), concat_conditioning(uncond, cond)).chunk(2)
     return out_uncond + scale * (out_cond - out_uncond)
+
+
+def _text_context(conditioning: Any) -> Any:
+    """The cross-attention part of a conditioning: the tensor itself, or a hybrid dict's ``c_crossattn``."""
+    if isinstance(conditioning, dict):
+        conditioning = conditioning.get("c_crossattn")
+    if isinstance(conditioning, (list, tuple)) and len(conditioning) == 1:
+        conditioning = conditioning[0]
+    return conditioning
 
 
 def guided_noise_prediction(model, x: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any,

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.attention import SpatialTransformer
-from ldm.modules.winograd import Conv3x3
 from ldm.modules.diffusionmodules.util import checkpoint, normalization, timestep_embedding, zero_module
+from ldm.modules.winograd import Conv3x3
 
 
 class TimestepEmbedSequential(nn.Sequential):
@@ -83,6 +83,11 @@ class UNetModel(nn.Module):
     heads of ``channels // num_heads`` each, or, when ``num_head_channels`` is set, heads of that width.
     ``legacy`` is kept for config compatibility: with spatial transformers both settings give the same network.
     ``norm_num_groups`` (default 32, as SD) lets narrow models keep several channels per group.
+    SD 2.x: ``use_linear_in_transformer`` (linear projections in and out of the transformers) and
+    ``upcast_attention`` (float32 attention for float16 weights where the kernels would form float16 scores;
+    :class:`~ldm.modules.attention.CrossAttention`).
+    ``use_fp16`` is read and ignored: the original casts activations to float16 with it, while here the weights'
+    dtype (``--precision``) decides, as for v1.
     """
 
     def __init__(self, in_channels: int, model_channels: int, out_channels: int, num_res_blocks: int,
@@ -90,7 +95,8 @@ class UNetModel(nn.Module):
                  num_heads: int = -1, num_head_channels: int = -1, context_dim: int | None = None,
                  transformer_depth: int = 1, dropout: float = 0.0, use_checkpoint: bool = False,
                  use_spatial_transformer: bool = True, image_size: int | None = None, legacy: bool = True,
-                 norm_num_groups: int = 32):
+                 norm_num_groups: int = 32, use_linear_in_transformer: bool = False, upcast_attention: bool = False,
+                 use_fp16: bool = False):
         super().__init__()
         if not use_spatial_transformer or context_dim is None:
             raise ValueError("UNetModel here implements the text-conditioned UNet: it needs "
@@ -108,7 +114,9 @@ class UNetModel(nn.Module):
         def attention(ch: int) -> SpatialTransformer:
             heads = num_heads if num_head_channels == -1 else ch // num_head_channels
             return SpatialTransformer(ch, heads, ch // heads, depth=transformer_depth, dropout=dropout,
-                                      context_dim=context_dim, use_checkpoint=use_checkpoint, num_groups=norm_num_groups)
+                                      context_dim=context_dim, use_checkpoint=use_checkpoint,
+                                      num_groups=norm_num_groups, use_linear=use_linear_in_transformer,
+                                      upcast=upcast_attention)
 
         def res_block(ch: int, out_ch: int) -> ResBlock:
             return ResBlock(ch, time_embed_dim, dropout, out_channels=out_ch, use_checkpoint=use_checkpoint,

@@ -1,8 +1,10 @@
-"""Text conditioning for Stable Diffusion v1: the CLIP ViT-L/14 text tower, built from code, no hub.
+"""Text conditioning for Stable Diffusion: CLIP text towers built from code, no hub.
 
-The network is transformers' ``CLIPTextModel`` built from a config in code. Its weights come from the
-Stable Diffusion checkpoint (``cond_stage_model.transformer.text_model.*``). The tokenizer is CLIP's byte-level
-BPE, built from the vocabulary file that ships inside the ``open_clip_torch`` package.
+SD v1: transformers' ``CLIPTextModel`` (ViT-L/14's text tower) built from a config in code, its weights from the
+checkpoint's ``cond_stage_model.transformer.text_model.*``. SD 2: open_clip's ViT-H-14 text tower, built from the
+architecture config inside the open_clip package, its weights from ``cond_stage_model.model.*``. Both read CLIP's
+byte-level BPE, built from the vocabulary file that ships inside the ``open_clip_torch`` package; prompt syntax,
+long prompts and textual-inversion embeddings are shared (:class:`PromptEncoder`).
 """
 
 import functools
@@ -10,6 +12,7 @@ import gzip
 import html
 import importlib.util
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -60,7 +63,6 @@ def bpe_vocabulary_path() -> Path:
 
 
 @functools.lru_cache(maxsize=1)
-@functools.lru_cache(maxsize=1)
 def clip_tokenizer() -> CLIPTokenizer:
     """CLIP's tokenizer built in memory from open_clip's BPE file (ids identical to OpenAI CLIP's), once."""
     lines = gzip.open(bpe_vocabulary_path()).read().decode("utf-8").split("\n")
@@ -82,9 +84,8 @@ EMPHASIS_MODES = ("original", "none")
 COMMA = 267  # the token of ",</w>"
 
 
-class FrozenCLIPEmbedder(nn.Module):
-    """Prompts → CLIP text features (B, 77·k, hidden): the hidden state ``clip_skip − 1`` layers before the last,
-    after the final LayerNorm (``clip_skip`` 1: the ``last_hidden_state``, as the original).
+class PromptEncoder(nn.Module):
+    """Prompts → text features (B, 77·k, width) for a CLIP text tower; what SD v1's and SD 2's encoders share.
 
     ``emphasis`` ``"original"`` (the default): prompts in AUTOMATIC1111's syntax (:mod:`.prompts`), of any length
     in chunks of 77 encoded separately and concatenated, the words of loaded textual-inversion embeddings replaced by
@@ -92,26 +93,21 @@ class FrozenCLIPEmbedder(nn.Module):
     emphasis: z ← z·w, then z ← z·mean(z before)/mean(z after), per prompt and chunk. A prompt of at most 75
     tokens without brackets gives exactly the original's features. ``"none"``: the original's conditioning byte for
     byte — brackets are text and a prompt is cut at 77 tokens (:meth:`tokenize`).
-    ``text_config`` overrides fields of the ViT-L/14 text config (tests use a tiny tower).
+    ``clip_skip`` N: the features N − 1 layers before the tower's usual output layer.
+
+    A subclass gives the tower: ``width``, ``num_layers``, ``token_embedding`` (where embedding vectors go in),
+    ``pad_token`` (what follows the first end-of-text token) and ``_features(tokens, clip_skip)``.
     """
 
-    def __init__(self, text_config: Mapping[str, Any] | None = None, max_length: int = 77, freeze: bool = True):
+    pad_token = END_OF_TEXT
+
+    def __init__(self, max_length: int):
         super().__init__()
-        config = CLIPTextConfig(**{**VIT_L14_TEXT_CONFIG, **dict(text_config or {})})
-        if max_length > config.max_position_embeddings:
-            raise ValueError(f"max_length {max_length} exceeds the text model's "
-                             f"{config.max_position_embeddings} positions")
         self.max_length = max_length
         self.clip_skip = 1
         self.emphasis = "original"
-        self.embeddings: dict[str, torch.Tensor] = {}  # word (lower case) → vectors (n, hidden)
+        self.embeddings: dict[str, torch.Tensor] = {}  # word (lower case) → vectors (n, width)
         self._reported: set[str] = set()  # prompts already checked for length
-        # transformers 5 flattened CLIPTextModel; the extra level keeps the checkpoint's
-        # "transformer.text_model.*" names, so original weights load with no renaming.
-        self.transformer = nn.Module()
-        self.transformer.text_model = CLIPTextModel(config)
-        if freeze:
-            self.freeze()
 
     def freeze(self) -> None:
         self.eval()
@@ -131,8 +127,19 @@ class FrozenCLIPEmbedder(nn.Module):
                 dropped = tokenizer.decode(ids[self.max_length - 1:-1])
                 logger.warning("a prompt is %d tokens over the %d that fit; dropped: %r", len(ids) - self.max_length,
                                self.max_length - 2, dropped)
-        return tokenizer(cleaned, padding="max_length", max_length=self.max_length, truncation=True,
-                         return_tensors="pt").input_ids
+        tokens = tokenizer(cleaned, padding="max_length", max_length=self.max_length, truncation=True,
+                           return_tensors="pt").input_ids
+        return self._padded(tokens)
+
+    def _padded(self, tokens: torch.Tensor, placeholders: torch.Tensor | None = None) -> torch.Tensor:
+        """``tokens`` with every position after the first end-of-text token set to :attr:`pad_token` (open_clip's
+        tokenizer pads with 0, CLIP's with end-of-text; AUTOMATIC1111 does the same for SD 2). ``placeholders``
+        (bool, like ``tokens``) marks the positions of embedding vectors, whose ids are not text."""
+        if self.pad_token == END_OF_TEXT:
+            return tokens
+        is_end = (tokens == END_OF_TEXT) & (True if placeholders is None else ~placeholders)
+        after_end = is_end.long().cumsum(dim=1) - is_end.long() > 0
+        return tokens.masked_fill(after_end, self.pad_token)
 
     def forward(self, texts: Sequence[str]) -> torch.Tensor:
         if self.emphasis not in EMPHASIS_MODES:
@@ -162,7 +169,8 @@ class FrozenCLIPEmbedder(nn.Module):
         return pieces
 
     def _encode_chunks(self, chunks: list[Chunk]) -> torch.Tensor:
-        tokens = torch.tensor([chunk.tokens for chunk in chunks])
+        placeholders = torch.tensor([[vector is not None for vector in chunk.vectors] for chunk in chunks])
+        tokens = self._padded(torch.tensor([chunk.tokens for chunk in chunks]), placeholders)
         vectors = {(row, column): vector for row, chunk in enumerate(chunks)
                    for column, vector in enumerate(chunk.vectors) if vector is not None}
         z = self._encode(tokens, vectors)
@@ -177,10 +185,8 @@ class FrozenCLIPEmbedder(nn.Module):
                 ) -> torch.Tensor:
         """Token ids (B, 77) → features at ``clip_skip``, with ``vectors`` in place of the token embeddings at
         those (row, column) positions."""
-        text_model = self.transformer.text_model
-        layers = text_model.config.num_hidden_layers
-        if not 1 <= self.clip_skip <= layers:
-            raise ParameterError("clip_skip", f"must be between 1 and {layers} for this text encoder, got "
+        if not 1 <= self.clip_skip <= self.num_layers:
+            raise ParameterError("clip_skip", f"must be between 1 and {self.num_layers} for this text encoder, got "
                                  f"{self.clip_skip}")
 
         def insert_vectors(module: nn.Module, inputs: Any, embedded: torch.Tensor) -> torch.Tensor:
@@ -189,28 +195,24 @@ class FrozenCLIPEmbedder(nn.Module):
                 embedded[row, column] = vector.to(embedded.dtype)
             return embedded
 
-        hook = text_model.embeddings.token_embedding.register_forward_hook(insert_vectors) if vectors else None
+        hook = self.token_embedding.register_forward_hook(insert_vectors) if vectors else None
         try:
-            out = text_model(input_ids=tokens.to(text_model.device), output_hidden_states=self.clip_skip > 1)
+            return self._features(tokens.to(self.token_embedding.weight.device), self.clip_skip)
         finally:
             if hook is not None:
                 hook.remove()
-        if self.clip_skip == 1:
-            return out.last_hidden_state
-        return text_model.final_layer_norm(out.hidden_states[-self.clip_skip])
 
     def load_embeddings(self, path: str | Path) -> list[str]:
         """Textual-inversion embeddings from one file or every file of a directory, each usable as the word of
         its file name; returns the words added. See :func:`read_embedding` for the formats."""
         path = Path(path)
         files = sorted(p for p in path.iterdir() if p.suffix in EMBEDDING_SUFFIXES) if path.is_dir() else [path]
-        width = self.transformer.text_model.config.hidden_size
         words = []
         for file in files:
             vectors = read_embedding(file)
-            if vectors.shape[-1] != width:
+            if vectors.shape[-1] != self.width:
                 raise InputError(f"embedding {file} has vectors of width {vectors.shape[-1]}, but this text encoder "
-                                 f"takes {width} (an embedding for another model?)")
+                                 f"takes {self.width} (an embedding for another model?)")
             self.embeddings[file.stem.lower()] = vectors.float()
             words.append(file.stem)
         names = sorted(self.embeddings, key=len, reverse=True)  # the longest first, so "bad" cannot win over "bad2"
@@ -220,6 +222,126 @@ class FrozenCLIPEmbedder(nn.Module):
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         return self(texts)
+
+
+class FrozenCLIPEmbedder(PromptEncoder):
+    """SD v1's text encoder: transformers' ``CLIPTextModel`` (ViT-L/14's text tower, or ``text_config``'s overrides
+    of it for tests), its features the ``last_hidden_state`` (``clip_skip`` N: the hidden state N − 1 layers before
+    the last, after the final LayerNorm)."""
+
+    def __init__(self, text_config: Mapping[str, Any] | None = None, max_length: int = 77, freeze: bool = True):
+        super().__init__(max_length)
+        config = CLIPTextConfig(**{**VIT_L14_TEXT_CONFIG, **dict(text_config or {})})
+        if max_length > config.max_position_embeddings:
+            raise ValueError(f"max_length {max_length} exceeds the text model's "
+                             f"{config.max_position_embeddings} positions")
+        # transformers 5 flattened CLIPTextModel; the extra level keeps the checkpoint's
+        # "transformer.text_model.*" names, so original weights load with no renaming.
+        self.transformer = nn.Module()
+        self.transformer.text_model = CLIPTextModel(config)
+        if freeze:
+            self.freeze()
+
+    @property
+    def width(self) -> int:
+        return self.transformer.text_model.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.transformer.text_model.config.num_hidden_layers
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.transformer.text_model.embeddings.token_embedding
+
+    def _features(self, tokens: torch.Tensor, clip_skip: int) -> torch.Tensor:
+        text_model = self.transformer.text_model
+        out = text_model(input_ids=tokens, output_hidden_states=clip_skip > 1)
+        if clip_skip == 1:
+            return out.last_hidden_state
+        return text_model.final_layer_norm(out.hidden_states[-clip_skip])
+
+
+class OpenCLIPTextTower(nn.Module):
+    """open_clip's text tower in the layout SD 2 checkpoints store (``cond_stage_model.model.*``: the CLIP model
+    without its vision tower): token and position embeddings, open_clip's own residual attention blocks
+    (``transformer.resblocks.N``), ``ln_final``, ``text_projection`` and ``logit_scale`` (both unused for
+    conditioning, kept so the checkpoint loads whole), and a causal attention mask."""
+
+    def __init__(self, context_length: int = 77, vocab_size: int = 49408, width: int = 1024, heads: int = 16,
+                 layers: int = 24, embed_dim: int = 1024, mlp_ratio: float = 4.0):
+        super().__init__()
+        from open_clip.transformer import Transformer
+
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.transformer = Transformer(width, layers, heads, mlp_ratio=mlp_ratio, batch_first=True)
+        self.ln_final = nn.LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.register_buffer("attn_mask", torch.full((context_length, context_length), float("-inf")).triu_(1),
+                             persistent=False)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)  # open_clip's initialisation
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=width ** -0.5)
+
+    def forward(self, tokens: torch.Tensor, blocks: int) -> torch.Tensor:
+        """The hidden states after the first ``blocks`` residual blocks, then ``ln_final``: (B, L, width)."""
+        x = self.token_embedding(tokens) + self.positional_embedding.to(self.token_embedding.weight.dtype)
+        for block in self.transformer.resblocks[:blocks]:
+            x = block(x, attn_mask=self.attn_mask)
+        return self.ln_final(x)
+
+
+OPENCLIP_LAYERS = {"last": 0, "penultimate": 1}  # blocks left out before ln_final
+
+
+class FrozenOpenCLIPEmbedder(PromptEncoder):
+    """SD 2's text encoder: open_clip's ``arch`` text tower (ViT-H-14: 24 blocks of width 1024), built from the
+    architecture's config inside the open_clip package, never downloaded (``version``, the pretrained tag, is read
+    and ignored: the weights come from the checkpoint). ``layer="penultimate"`` as SD 2 uses it: the hidden state
+    after 23 of the 24 blocks, through ``ln_final``. Token ids are CLIP's BPE (the same vocabulary), padded with 0
+    after the end-of-text token as open_clip's tokenizer does. ``text_config`` overrides fields of the tower's
+    config (``width``, ``heads``, ``layers``, …) for tests.
+    """
+
+    pad_token = 0
+
+    def __init__(self, arch: str = "ViT-H-14", version: str | None = None, device: str | None = None,
+                 max_length: int = 77, freeze: bool = True, layer: str = "last",
+                 text_config: Mapping[str, Any] | None = None):
+        super().__init__(max_length)
+        if layer not in OPENCLIP_LAYERS:
+            raise ValueError(f"layer must be one of {', '.join(OPENCLIP_LAYERS)}, got {layer!r}")
+        import open_clip
+
+        architecture = open_clip.get_model_config(arch)
+        if architecture is None:
+            raise ValueError(f"open_clip has no architecture {arch!r}")
+        text = {key: value for key, value in architecture["text_cfg"].items()
+                if key in ("context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio")}
+        text = {"embed_dim": architecture["embed_dim"], **text, **dict(text_config or {})}
+        if max_length > text["context_length"]:
+            raise ValueError(f"max_length {max_length} exceeds the text model's {text['context_length']} positions")
+        self.layer = layer
+        self.model = OpenCLIPTextTower(**text)
+        if freeze:
+            self.freeze()
+
+    @property
+    def width(self) -> int:
+        return self.model.token_embedding.embedding_dim
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.transformer.resblocks) - OPENCLIP_LAYERS[self.layer]
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.model.token_embedding
+
+    def _features(self, tokens: torch.Tensor, clip_skip: int) -> torch.Tensor:
+        return self.model(tokens, self.num_layers - (clip_skip - 1))
 
 
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
