@@ -29,14 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=64, help="captions per row")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--scales", type=float, nargs="+", default=[3.0, 7.5])
-    parser.add_argument("--held_out_only", action="store_true", help="skip the trained pairs' rows")
+    parser.add_argument("--pairs", choices=("both", "trained", "held_out"), default="both",
+                        help="which rows (several processes can share the work)")
+    parser.add_argument("--no_header", action="store_true")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     model = load_model(args.config, args.ckpt)
-    print(f"| captions ({args.count} each, DPM-Solver {args.steps} steps) | guidance scale | "
-          + " | ".join(ATTRIBUTES) + " |")
-    print("|---|---|" + "---|" * len(ATTRIBUTES))
-    for held_out in ([True] if args.held_out_only else [False, True]):
+    if not args.no_header:
+        print(f"| captions ({args.count} each, DPM-Solver {args.steps} steps) | guidance scale | "
+              + " | ".join(ATTRIBUTES) + " |")
+        print("|---|---|" + "---|" * len(ATTRIBUTES))
+    for held_out in {"both": [False, True], "trained": [False], "held_out": [True]}[args.pairs]:
         label = "held-out pairs" if held_out else "new scenes of trained pairs"
         for scale in args.scales:
             start = time.perf_counter()
