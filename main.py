@@ -9,6 +9,7 @@ A config has ``model`` (what to train), ``training`` (the Lightning module aroun
 """
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -41,11 +42,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def pre_encoded(config, model) -> PreEncoded:
+    """The training set encoded by the first stage, read from ``data.latent_cache`` when that file holds this
+    dataset's encoding by these autoencoder weights (a lever study re-runs training on the same latents; the
+    40 000 demo images take minutes to draw and encode), else encoded and written there."""
+    dataset = instantiate_from_config(config.data.train)
+    cache = config.data.get("latent_cache")
+    weights = model.first_stage_model.state_dict()
+    fingerprint = [OmegaConf.to_yaml(config.data.train), len(weights),
+                   float(sum(tensor.double().sum() for tensor in weights.values()))]
+    if cache is not None and Path(cache).is_file():
+        stored = torch.load(cache, weights_only=True)
+        if stored["fingerprint"] == fingerprint:
+            encoded = PreEncoded.__new__(PreEncoded)
+            encoded.means, encoded.stds, encoded.captions = stored["means"], stored["stds"], stored["captions"]
+            encoded.caption_key = "caption"
+            logger.info("latents read from %s", cache)
+            return encoded
+        logger.info("%s holds another dataset or autoencoder: encoding again", cache)
+    encoded = PreEncoded(dataset, model.first_stage_model)
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"fingerprint": fingerprint, "means": encoded.means, "stds": encoded.stds,
+                    "captions": encoded.captions}, cache)
+    return encoded
+
+
 def training_data(config, model) -> DataLoader:
     dataset = instantiate_from_config(config.data.train)
     if config.data.get("pre_encode", False):
-        dataset = PreEncoded(dataset, model.first_stage_model)
-        if model.scale_by_std:
+        dataset = pre_encoded(config, model)
+        if model.scale_by_std and config.get("training", {}).get("params", {}).get("init_ckpt") is None:
+            # (a run that continues from a checkpoint keeps the scale its network learned with)
             model.scale_factor.fill_(1.0 / dataset.latent_std(torch.Generator().manual_seed(0)))
             logger.info("scale_factor set to 1/std of the latents: %.5f", model.scale_factor.item())
     return DataLoader(dataset, batch_size=config.data.batch_size, shuffle=True, drop_last=True,
@@ -88,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer.fit(module, loader)
     finally:  # whatever happens, keep what was trained
-        path = export_weights(model, run_dir / "model.safetensors", getattr(torch, args.export_dtype))
+        averaged = module.averaged() if hasattr(module, "averaged") else contextlib.nullcontext()
+        with averaged:  # the joint moving average, where the training module keeps one
+            path = export_weights(model, run_dir / "model.safetensors", getattr(torch, args.export_dtype))
         logger.info("trained %d steps in %.1f min; weights: %s", trainer.global_step,
                     (time.perf_counter() - start) / 60, path)
     return 0

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from ldm.data.shapes import COLOURS, HELD_OUT, SHAPES, ShapesDataset, describe, held_out_scenes, render
+from ldm.data.shapes import ATTRIBUTES, COLOURS, HELD_OUT, SHAPES, ShapesDataset, describe, held_out_scenes, render
 
 
 def test_items_are_deterministic_images_with_captions():
@@ -23,7 +23,7 @@ def test_held_out_pairs_never_appear_in_training_data():
 
 def test_the_detector_reads_ground_truth_images():
     dataset = ShapesDataset(length=400, seed=7)
-    correct = {"colour": 0, "shape": 0, "position": 0}
+    correct = dict.fromkeys(ATTRIBUTES, 0)
     for index in range(len(dataset)):
         scene, _ = dataset.scene(index)
         found = describe(np.asarray(render(scene)))

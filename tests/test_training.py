@@ -80,3 +80,39 @@ def test_main_runs_no_code_from_a_config(tmp_path, monkeypatch, capsys):
     assert main.main(override) == 2
     assert not (tmp_path / "PWNED").exists()
     assert all(line.startswith("error: ") and "os.system" in line for line in capsys.readouterr().err.splitlines())
+
+
+def test_the_joint_average_covers_the_unet_and_the_text_encoder_and_is_swapped_back():
+    """LitEma averages the UNet only; a text encoder trained along must be averaged with it, or the exported
+    UNet would read features the exported text encoder no longer gives."""
+    model = build_model(load_config(LDM))
+    module = DiffusionTraining(model, ema_decay=0.5)
+    names = module.trained_parameters()
+    assert any(n.startswith("model.diffusion_model.") for n in names)
+    assert any(n.startswith("cond_stage_model.transformer.") for n in names)
+    unet = model.model.diffusion_model.out[-1].bias
+    text = model.cond_stage_model.transformer.text_model.final_layer_norm.bias
+    module.update_average()  # the first update copies the weights
+    with torch.no_grad():
+        unet.add_(1.0)
+        text.add_(1.0)
+    module.update_average()  # warm-up decay min(0.5, 3/12) = 0.25: the average moves 3/4 of the way
+    with module.averaged():
+        averaged_unet, averaged_text = unet.detach().clone(), text.detach().clone()
+    assert torch.allclose(averaged_unet + 0.25, unet.detach(), atol=1e-6)  # both averaged, both swapped back
+    assert torch.allclose(averaged_text + 0.25, text.detach(), atol=1e-6)
+
+
+def test_offset_noise_hides_each_channels_mean():
+    """noise_offset s adds s·N(0, 1) per channel: the per-channel mean's variance goes from 1/(H·W) to that + s²,
+    while each pixel keeps N(0, 1 + s²)."""
+    model = build_model(load_config(LDM))
+    z = torch.zeros(4096, 8, 16, 16)
+    torch.manual_seed(0)
+    plain = DiffusionTraining(model).noise(z)
+    offset = DiffusionTraining(model, noise_offset=0.3).noise(z)
+    assert abs(plain.mean(dim=(2, 3)).var().item() - 1 / 256) < 0.0005
+    assert abs(offset.mean(dim=(2, 3)).var().item() - (1 / 256 + 0.09)) < 0.005
+    assert abs(offset.var().item() - 1.09) < 0.01
+    pyramid = DiffusionTraining(model, noise_pyramid=0.5).noise(z)
+    assert pyramid.shape == z.shape and abs(pyramid.var().item() - (1 + sum(0.25 ** k for k in range(1, 5)))) < 0.02

@@ -132,11 +132,15 @@ class ShapesDataset(Dataset):
         return {"image": torch.from_numpy(array), "caption": text}
 
 
+ATTRIBUTES = ("colour", "shape", "position", "background")  # what a full caption names and score() checks
+
+
 @dataclass(frozen=True)
 class Description:
     colour: str | None
     shape: str | None
     position: str | None
+    background: str | None = None
 
 
 def _background(pixels: np.ndarray) -> np.ndarray:
@@ -161,14 +165,18 @@ def describe(image: np.ndarray) -> Description:
     colour nearest to the foreground's median. Shape: a star fills little of its convex hull (solidity ≈ 0.6,
     the others > 0.8); the convex shapes differ in how they fill their bounding box (square ≈ 1, circle ≈ π/4,
     triangle ≈ 1/2).
-    Position: the centroid's corner, or the center when it lies in the middle third.
+    Position: the centroid's corner, or the center when it lies in the middle third. Background colour: the
+    background palette colour nearest the plane's mean (a gradient's mean shade is within 4% of its colour),
+    so that a prompt's "on a white background" is checked too.
     """
     pixels = image.astype(np.float32)
     height, width, _ = pixels.shape
     background = _background(pixels)
+    mean = background.reshape(-1, 3).mean(axis=0)
+    backdrop = min(BACKGROUNDS, key=lambda name: np.linalg.norm(mean - np.array(BACKGROUNDS[name])))
     candidate = np.linalg.norm(pixels - background, axis=-1) > FOREGROUND_DISTANCE
     if candidate.sum() < 0.01 * height * width:
-        return Description(None, None, None)
+        return Description(None, None, None, backdrop)
     median = np.median(pixels[candidate], axis=0)
     colour = min(COLOURS, key=lambda name: np.linalg.norm(median - np.array(COLOURS[name])))
     # A pixel belongs to the shape when it is nearer the shape's colour than the background's (robust to soft
@@ -176,7 +184,7 @@ def describe(image: np.ndarray) -> Description:
     nearer = np.linalg.norm(pixels - median, axis=-1) < np.linalg.norm(pixels - background, axis=-1)
     labels, count = ndimage.label(ndimage.binary_fill_holes(nearer))
     if count == 0:
-        return Description(colour, None, None)
+        return Description(colour, None, None, backdrop)
     sizes = ndimage.sum(np.ones_like(labels), labels, index=range(1, count + 1))
     foreground = labels == 1 + int(np.argmax(sizes))
     rows, cols = np.nonzero(foreground)
@@ -194,19 +202,20 @@ def describe(image: np.ndarray) -> Description:
         position = "in the center"
     else:
         position = f"in the {'top' if cy < 0.5 else 'bottom'} {'left' if cx < 0.5 else 'right'} corner"
-    return Description(colour, shape, position)
+    return Description(colour, shape, position, backdrop)
 
 
-def held_out_scenes(count: int, seed: int = 1234) -> list[tuple[Scene, str]]:
-    """``count`` scenes of the held-out (colour, shape) pairs with their full captions."""
-    dataset = ShapesDataset(count, seed=seed, held_out=True)
+def held_out_scenes(count: int, seed: int = 1234, held_out: bool = True) -> list[tuple[Scene, str]]:
+    """``count`` scenes of the held-out (colour, shape) pairs with their full captions; with ``held_out=False``
+    new scenes (a seed no training set uses) of the trained pairs, to tell composing from remembering."""
+    dataset = ShapesDataset(count, seed=seed, held_out=held_out)
     return [(scene, caption(scene)) for scene in (dataset.scene(i)[0] for i in range(count))]
 
 
 @torch.no_grad()
 def adherence(model, sampler, scenes: list[tuple[Scene, str]], steps: int = 25, scale: float = 7.5,
               batch_size: int = 32, seed: int = 0) -> dict[str, float]:
-    """The share of generated images whose detected colour, shape and position match their caption's."""
+    """The share of generated images whose detected colour, shape, position and background match their caption's."""
     generator = torch.Generator(model.device).manual_seed(seed)
     shape = (model.channels, model.image_size, model.image_size)
     batches = []
@@ -221,15 +230,19 @@ def adherence(model, sampler, scenes: list[tuple[Scene, str]], steps: int = 25, 
 
 
 def score(images: torch.Tensor, scenes: list[tuple[Scene, str]]) -> dict[str, float]:
-    """The share of images (B, 3, H, W) in [0, 1] whose detected colour, shape and position match their scene's."""
+    """The share of images (B, 3, H, W) in [0, 1] whose detected colour, shape, position and background match
+    their scene's (the scenes' captions name all four, as :func:`held_out_scenes` writes them)."""
     pixels = (images * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     found = [describe(image) for image in pixels]
     return {attribute: sum(getattr(f, attribute) == getattr(scene, attribute) for f, (scene, _) in
-                           zip(found, scenes)) / len(scenes) for attribute in ("colour", "shape", "position")}
+                           zip(found, scenes)) / len(scenes) for attribute in ATTRIBUTES}
 
 
-def held_out_adherence(model, count: int = 64, steps: int = 20, scale: float = 7.5) -> dict[str, float]:
-    """Prompt adherence on ``count`` held-out captions with the seed's DPM-Solver configuration."""
+def held_out_adherence(model, count: int = 64, steps: int = 20, scale: float = 7.5,
+                       held_out: bool = True) -> dict[str, float]:
+    """Prompt adherence on ``count`` held-out captions (trained pairs with ``held_out=False``) with the seed's
+    DPM-Solver configuration."""
     from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 
-    return adherence(model, DPMSolverSampler(model), held_out_scenes(count), steps=steps, scale=scale)
+    return adherence(model, DPMSolverSampler(model), held_out_scenes(count, held_out=held_out), steps=steps,
+                     scale=scale)

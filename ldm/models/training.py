@@ -6,10 +6,11 @@ with the simple loss of Ho et al.: ‖target − network(x_t, t, c)‖² with x_
 target ε, x_0 or v by ``parameterization``; the text encoder trains too when ``cond_stage_trainable``.
 """
 
+import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytorch_lightning as pl
 import torch
@@ -52,18 +53,41 @@ class DiffusionTraining(pl.LightningModule):
     prediction that classifier-free guidance needs (SD v1 dropped 10%). ``snr_gamma``: Min-SNR-γ loss weights
     (Hang et al. 2023), which stop the nearly clean timesteps from dominating training (None: SD's uniform).
 
+    ``init_ckpt``: a whole LatentDiffusion checkpoint to continue from (e.g. the shipped demo weights), loaded
+    strictly. ``noise_offset``: the training noise gets ``noise_offset``·N(0, 1) added per sample and channel
+    (constant over the image, "offset noise"). SD's schedule keeps √ᾱ_T ≈ 0.07 of the image at t = T, and on a
+    16×16 latent the per-channel mean of the noise is only N(0, 1/256): a picture's overall colour shows through
+    the noisiest step, so the network learns to read it from x_T instead of from the caption, and at sampling
+    time, from pure noise, the random x_T decides it. The offset hides that mean, so the caption must.
+    ``noise_pyramid`` d: likewise at every coarser scale (blocks of 2, 4, … latent pixels, weights d, d², …), for
+    the colour of a shape, which covers a few latent pixels only.
+    ``ema_decay``: an exponential moving average over the UNet **and** the trained text encoder together
+    (LitEma covers the UNet only), warmed up as LitEma's, min(decay, (1 + n)/(10 + n)); :meth:`averaged`
+    swaps it in for evaluation and export.
+
     Batches hold either images (``first_stage_key``) or pre-encoded posteriors ``latent_mean``/``latent_std``
     (see :class:`ldm.data.latents.PreEncoded`); captions are under ``cond_stage_key``.
     """
 
     def __init__(self, model, learning_rate: float = 1e-4, first_stage_ckpt: str | None = None,
-                 weight_decay: float = 0.0, caption_dropout: float = 0.1, snr_gamma: float | None = None):
+                 weight_decay: float = 0.0, caption_dropout: float = 0.1, snr_gamma: float | None = None,
+                 init_ckpt: str | None = None, noise_offset: float = 0.0, noise_pyramid: float = 0.0,
+                 ema_decay: float | None = None):
         super().__init__()
         self.model = model
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.caption_dropout = caption_dropout
         self.snr_gamma = snr_gamma
+        self.noise_offset = noise_offset
+        self.noise_pyramid = noise_pyramid
+        self.ema_decay = ema_decay
+        if init_ckpt is not None:
+            state_dict = read_checkpoint(init_ckpt).state_dict
+            own = model.state_dict()
+            model.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in state_dict.items()},
+                                  strict=True)
+            logger.info("continuing from %s", init_ckpt)
         if first_stage_ckpt is not None:
             state_dict = read_checkpoint(first_stage_ckpt).state_dict
             prefix = "first_stage_model."
@@ -71,6 +95,43 @@ class DiffusionTraining(pl.LightningModule):
                 state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
             model.first_stage_model.load_state_dict(state_dict, strict=True)
             logger.info("first stage loaded from %s", first_stage_ckpt)
+        self._ema: dict[str, torch.Tensor] = {}
+        self._ema_updates = 0
+
+    def trained_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The UNet's parameters, and the text encoder's when it trains along (names as in the model)."""
+        parts = [("model.", self.model.model)]
+        if self.model.cond_stage_trainable:
+            parts.append(("cond_stage_model.", self.model.cond_stage_model))
+        return {prefix + name: p for prefix, module in parts for name, p in module.named_parameters()}
+
+    @torch.no_grad()
+    def update_average(self) -> None:
+        parameters = self.trained_parameters()
+        if not self._ema:
+            self._ema = {name: p.detach().clone() for name, p in parameters.items()}
+        self._ema_updates += 1
+        decay = min(self.ema_decay, (1 + self._ema_updates) / (10 + self._ema_updates))
+        for name, p in parameters.items():
+            self._ema[name].lerp_(p.detach(), 1 - decay)
+
+    @contextlib.contextmanager
+    def averaged(self) -> Iterator[None]:
+        """Within the scope the UNet and text encoder hold their moving average (no-op without ``ema_decay``)."""
+        if not self._ema:
+            yield
+            return
+        parameters = self.trained_parameters()
+        saved = {name: p.detach().clone() for name, p in parameters.items()}
+        with torch.no_grad():
+            for name, p in parameters.items():
+                p.copy_(self._ema[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in parameters.items():
+                    p.copy_(saved[name])
 
     def latents(self, batch: dict) -> torch.Tensor:
         if "latent_mean" in batch:
@@ -89,9 +150,24 @@ class DiffusionTraining(pl.LightningModule):
         clipped = snr.clamp(max=self.snr_gamma)
         return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[self.model.parameterization]
 
+    def noise(self, z: torch.Tensor) -> torch.Tensor:
+        """The training noise: N(0, I), plus ``noise_offset`` per channel and ``noise_pyramid`` per scale."""
+        noise = torch.randn_like(z)
+        if self.noise_offset:
+            noise = noise + self.noise_offset * torch.randn(z.shape[0], z.shape[1], *([1] * (z.dim() - 2)),
+                                                            device=z.device, dtype=z.dtype)
+        if self.noise_pyramid:  # the same at every coarser scale: 8×8, 4×4, … blocks, weighted d, d², …
+            size, level = z.shape[-1] // 2, 1
+            while size >= 1:
+                coarse = torch.randn(*z.shape[:2], size, size, device=z.device, dtype=z.dtype)
+                noise = noise + self.noise_pyramid ** level * torch.nn.functional.interpolate(
+                    coarse, size=z.shape[-2:], mode="nearest")
+                size, level = size // 2, level + 1
+        return noise
+
     def loss(self, z: torch.Tensor, cond: Any) -> torch.Tensor:
         t = torch.randint(0, self.model.num_timesteps, (z.shape[0],), device=z.device)
-        noise = torch.randn_like(z)
+        noise = self.noise(z)
         prediction = self.model.apply_model(self.model.q_sample(z, t, noise), t, cond)
         target = {"eps": noise, "x0": z, "v": self.model.get_v(z, noise, t)}[self.model.parameterization]
         error = (prediction - target).abs() if self.model.loss_type == "l1" else (prediction - target).pow(2)
@@ -109,6 +185,8 @@ class DiffusionTraining(pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.model.use_ema:
             self.model.model_ema(self.model.model)
+        if self.ema_decay is not None:
+            self.update_average()
 
     def configure_optimizers(self) -> Any:
         parameters = list(self.model.model.parameters())
@@ -122,8 +200,9 @@ class DiffusionTraining(pl.LightningModule):
 
 
 class PeriodicEvaluation(pl.Callback):
-    """Every ``every_minutes`` of training, call ``evaluate(model)`` with the EMA weights in eval mode and log
-    the numbers it returns (e.g. the demo model's prompt adherence)."""
+    """Every ``every_minutes`` of training, call ``evaluate(model)`` with the EMA weights (LitEma's, or the
+    training module's joint average) in eval mode and log the numbers it returns (e.g. the demo model's prompt
+    adherence)."""
 
     def __init__(self, evaluate, every_minutes: float = 5.0):
         self.evaluate = evaluate
@@ -141,7 +220,8 @@ class PeriodicEvaluation(pl.Callback):
     def run(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         model = module.model
         model.eval()
-        with torch.no_grad(), model.ema_scope():
+        averaged = module.averaged() if hasattr(module, "averaged") else contextlib.nullcontext()
+        with torch.no_grad(), model.ema_scope(), averaged:
             scores = self.evaluate(model)
         model.train()
         self.last = time.monotonic()
