@@ -11,6 +11,7 @@ A config has ``model`` (what to train), ``training`` (the Lightning module aroun
 import argparse
 import contextlib
 import logging
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -42,24 +43,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def pre_encoded(config, model) -> PreEncoded:
-    """The training set encoded by the first stage, read from ``data.latent_cache`` when that file holds this
+def pre_encoded(config, dataset, model) -> PreEncoded:
+    """``dataset`` encoded by the first stage, read from ``data.latent_cache`` when that file holds this
     dataset's encoding by these autoencoder weights (a lever study re-runs training on the same latents; the
     40 000 demo images take minutes to draw and encode), else encoded and written there."""
-    dataset = instantiate_from_config(config.data.train)
     cache = config.data.get("latent_cache")
     weights = model.first_stage_model.state_dict()
     fingerprint = [OmegaConf.to_yaml(config.data.train), len(weights),
                    float(sum(tensor.double().sum() for tensor in weights.values()))]
     if cache is not None and Path(cache).is_file():
-        stored = torch.load(cache, weights_only=True)
-        if stored["fingerprint"] == fingerprint:
-            encoded = PreEncoded.__new__(PreEncoded)
-            encoded.means, encoded.stds, encoded.captions = stored["means"], stored["stds"], stored["captions"]
-            encoded.caption_key = "caption"
-            logger.info("latents read from %s", cache)
-            return encoded
-        logger.info("%s holds another dataset or autoencoder: encoding again", cache)
+        try:
+            stored = torch.load(cache, weights_only=True)
+            if stored["fingerprint"] == fingerprint:
+                logger.info("latents read from %s", cache)
+                return PreEncoded.from_tensors(stored["means"], stored["stds"], stored["captions"])
+            logger.info("%s holds another dataset or autoencoder: encoding again", cache)
+        except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as error:
+            logger.warning("latent cache %s is unreadable (%s): encoding again", cache, error)
     encoded = PreEncoded(dataset, model.first_stage_model)
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ def pre_encoded(config, model) -> PreEncoded:
 def training_data(config, model) -> DataLoader:
     dataset = instantiate_from_config(config.data.train)
     if config.data.get("pre_encode", False):
-        dataset = pre_encoded(config, model)
+        dataset = pre_encoded(config, dataset, model)
         if model.scale_by_std and config.get("training", {}).get("params", {}).get("init_ckpt") is None:
             # (a run that continues from a checkpoint keeps the scale its network learned with)
             model.scale_factor.fill_(1.0 / dataset.latent_std(torch.Generator().manual_seed(0)))

@@ -25,6 +25,14 @@ class PreEncoded(Dataset):
         self.means, self.stds = torch.cat(means), torch.cat(stds)
         self.caption_key = caption_key
 
+    @classmethod
+    def from_tensors(cls, means: torch.Tensor, stds: torch.Tensor, captions: list[str],
+                     caption_key: str = "caption") -> "PreEncoded":
+        """An encoding made earlier (e.g. read from a cache file), without encoding again."""
+        encoded = cls.__new__(cls)
+        encoded.means, encoded.stds, encoded.captions, encoded.caption_key = means, stds, list(captions), caption_key
+        return encoded
+
     def __len__(self) -> int:
         return len(self.captions)
 
