@@ -128,6 +128,10 @@ class SpatialTransformer(nn.Module):
 
     The projections are 1×1 convolutions (SD v1) or, with ``use_linear``, linear layers applied to the tokens
     (SD 2.x). x: (B, C, H, W), context: (B, M, context_dim) → (B, C, H, W).
+
+    Pixels become tokens by a 4-D permute to channels-last and a reshape (the same strided view as flatten + transpose,
+    so torch computes the same numbers): OpenVINO folds the 4-D permute into the convolutions' layout and keeps the
+    3-D transpose as a copy, 16 copies per SD v1 UNet step (measured: 48 → 32 runtime transposes, ~1 % of a step).
     """
 
     def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1, dropout: float = 0.0,
@@ -150,14 +154,14 @@ class SpatialTransformer(nn.Module):
         h = self.norm(x)
         if not self.use_linear:
             h = self.proj_in(h)
-        h = h.flatten(2).transpose(1, 2)
+        h = h.permute(0, 2, 3, 1).reshape(batch, height * width, -1)  # (B, C, H, W) → (B, H·W, C): see below
         if self.use_linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, context=context)
         if self.use_linear:
             h = self.proj_out(h)
-        h = h.transpose(1, 2).reshape(batch, -1, height, width)
+        h = h.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
         if not self.use_linear:
             h = self.proj_out(h)
         return h + x
