@@ -114,6 +114,13 @@ def test_other_weights_or_shapes_get_their_own_entry(small_unet, inputs, tmp_pat
     assert len(list(tmp_path.glob("*.xml"))) == 2
 
 
+def test_the_engine_is_still_a_module_over_its_network(small_unet, tmp_path):
+    """Its own parameter registry is nn.Module's: the network's weights appear under ``module.``."""
+    engine = OpenVINOUNet(small_unet, "f32", tmp_path)
+    assert list(engine.state_dict()) == [f"module.{name}" for name in small_unet.state_dict()]
+    assert len(list(engine.parameters())) == len(list(small_unet.parameters()))
+
+
 def test_the_backend_flag_draws_the_torch_picture(tmp_path, tiny_checkpoint, monkeypatch):
     monkeypatch.setenv("LDM_OPENVINO_CACHE", str(tmp_path / "cache"))
 

@@ -154,7 +154,7 @@ class SpatialTransformer(nn.Module):
         h = self.norm(x)
         if not self.use_linear:
             h = self.proj_in(h)
-        h = h.permute(0, 2, 3, 1).reshape(batch, height * width, -1)  # (B, C, H, W) → (B, H·W, C): see below
+        h = h.permute(0, 2, 3, 1).reshape(batch, height * width, -1)  # (B, C, H, W) → (B, H·W, C): see the docstring
         if self.use_linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
