@@ -152,13 +152,14 @@ def run(name: str, make, args, rows: list) -> None:
 
 def interleaved(model, args) -> None:
     """The f32 pair only (ours --backend openvino and the OpenVINO pipeline), both built first and then timed in
-    alternation, so that the VM's drift falls on both alike."""
+    alternation, so that the VM's drift falls on both alike: the order flips every round (peer, ours / ours, peer
+    / …), so an even ``--repeats`` cancels a steady drift instead of always charging it to the second engine."""
     pair = {"OpenVINO pipeline f32": OpenVINOPipeline(diffusers_pipeline(model, load_config(CONFIG)), "f32", args.size),
             "ours --backend openvino f32": OursTimed(model, "openvino", args.size)}
     times: dict[str, list[float]] = {name: [] for name in pair}
     stages: dict[str, list[dict]] = {name: [] for name in pair}
     for round_ in range(args.repeats + 1):  # the first round converts, compiles and warms up
-        for name, engine in pair.items():
+        for name, engine in (list(pair.items()) if round_ % 2 else list(pair.items())[::-1]):
             start = time.perf_counter()
             engine(PROMPT, args.steps, 7.5, torch.Generator().manual_seed(round_))
             if round_:
@@ -179,7 +180,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--no-torch", dest="torch", action="store_false", help="leave out our torch backend")
     parser.add_argument("--interleave", action="store_true",
-                        help="only the f32 pair, timed in alternation (for the ratio, not the table)")
+                        help="only the f32 pair, timed in alternation, the order flipped each round "
+                             "(give an even --repeats)")
     args = parser.parse_args()
     print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; {args.size}×{args.size}, "
           f"{args.steps} steps, scale 7.5")
