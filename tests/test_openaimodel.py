@@ -2,6 +2,7 @@
 UNet2DConditionModel on the same weights."""
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -105,3 +106,28 @@ def test_upcast_attention_casts_float16_only_off_cuda_and_the_cpu():
     assert [attends_in_float32(dtype, torch.device(device)) for dtype, device in
             ((torch.float16, "mps"), (torch.float16, "cpu"), (torch.float16, "cuda"), (torch.bfloat16, "mps"),
              (torch.float32, "mps"))] == [True, False, False, False, False]
+
+
+@pytest.mark.parametrize("change", [
+    {},  # attention at the first level: x is tiled inside the first transformer block
+    {"attention_resolutions": [2], "use_linear_in_transformer": True, "transformer_depth": 2},  # at a lower level
+    {"attention_resolutions": []},  # only in the middle block: tiled between its two ResBlocks
+])
+def test_a_guided_batch_may_pass_x_once(change, tiny_original_config):
+    """x and timesteps of B rows with contexts of 2B rows give the UNet's output on torch.cat([x] * 2): the
+    condition-independent part computed once, tiled at the first cross-attention (and the skips and time
+    embedding with it)."""
+    config = copy.deepcopy(tiny_original_config)
+    config["model"]["params"]["unet_config"]["params"].update(change)
+    unet = randomize_parameters_(build_model(config), seed=3).eval().model.diffusion_model
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 16, 16, generator=generator)
+    t = torch.tensor([981.0, 37.5])
+    contexts = torch.randn(4, 77, 32, generator=generator)
+    with torch.no_grad():
+        expected = unet(torch.cat([x, x]), torch.cat([t, t]), contexts)
+        got = unet(x, t, contexts)
+    assert got.shape == expected.shape == (4, 4, 16, 16)
+    scale = expected.abs().max()
+    assert (expected[:2] - expected[2:]).abs().max() > 1e-3 * scale  # the contexts matter
+    assert (got - expected).abs().max() <= 1e-5 * scale

@@ -114,6 +114,18 @@ def test_other_weights_or_shapes_get_their_own_entry(small_unet, inputs, tmp_pat
     assert len(list(tmp_path.glob("*.xml"))) == 2
 
 
+def test_a_guided_batch_is_converted_with_x_once(small_unet, inputs, tmp_path):
+    """[x, x] with the same timesteps and two contexts (classifier-free guidance) runs the IR for x once; other
+    doubled batches (different halves or timesteps) the full one. Both give torch's numbers on the doubled batch."""
+    x, t, context = inputs
+    guided = (torch.cat([x[:1], x[:1]]), torch.cat([t[:1], t[:1]]), context)
+    engine = OpenVINOUNet(small_unet, "f32", tmp_path)
+    with torch.no_grad():
+        for call in (guided, inputs, (guided[0], t, context)):
+            assert relative_difference(engine(*call), small_unet(*call)) < 1e-5
+    assert sorted(key[0][0] for key in engine.compiled) == [1, 2]  # guided: x once; the other two: the full batch
+
+
 def test_the_engine_is_still_a_module_over_its_network(small_unet, tmp_path):
     """Its own parameter registry is nn.Module's: the network's weights appear under ``module.``."""
     engine = OpenVINOUNet(small_unet, "f32", tmp_path)

@@ -4,6 +4,10 @@
 (self-attention, cross-attention on the text context, gated feed-forward) and adds the result back.
 Attention is ``torch.nn.functional.scaled_dot_product_attention``: softmax(q·kᵀ/√d)·v, no mask.
 
+A guided batch may pass each distinct ``x`` once, with the contexts of all its conditions (B·n rows for B rows of
+``x``, ordered as ``torch.cat([x] * n)``): up to the first cross-attention nothing depends on the condition, so that
+part is computed once and the tokens are tiled there (:func:`tile_batch`); the UNet does the same for its skips.
+
 SD 2.x adds two options: ``use_linear`` (the transformer's in/out projections as linear layers on the tokens instead
 of 1×1 convolutions: the same map, stored as (out, in) matrices) and ``upcast`` (attention in float32 for float16
 weights; see :class:`CrossAttention`).
@@ -16,6 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.diffusionmodules.util import checkpoint, zero_module
+
+
+def tile_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """``x`` (b, …) as ``batch`` rows, ``torch.cat([x] * (batch // b))``; ``x`` itself when it has them already."""
+    return x if x.shape[0] == batch else x.repeat(batch // x.shape[0], *([1] * (x.dim() - 1)))
 
 
 class GEGLU(nn.Module):
@@ -100,7 +109,10 @@ class CrossAttention(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """x += attn1(norm1 x); x += attn2(norm2 x, context); x += ff(norm3 x)."""
+    """x += attn1(norm1 x); x += attn2(norm2 x, context); x += ff(norm3 x).
+
+    A context with more rows than ``x`` (a guided batch passing ``x`` once) tiles ``x`` before the cross-attention,
+    the first step that depends on the condition."""
 
     def __init__(self, dim: int, n_heads: int, d_head: int, dropout: float = 0.0, context_dim: int | None = None,
                  use_checkpoint: bool = True, upcast: bool = False):
@@ -119,6 +131,8 @@ class BasicTransformerBlock(nn.Module):
 
     def _forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
+        if context is not None:
+            x = tile_batch(x, context.shape[0])
         x = x + self.attn2(self.norm2(x), context=context)
         return x + self.ff(self.norm3(x))
 
@@ -161,10 +175,10 @@ class SpatialTransformer(nn.Module):
             h = block(h, context=context)
         if self.use_linear:
             h = self.proj_out(h)
-        h = h.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+        h = h.reshape(h.shape[0], height, width, -1).permute(0, 3, 1, 2)  # B·n rows after a guided batch's tiling
         if not self.use_linear:
             h = self.proj_out(h)
-        return h + x
+        return h + tile_batch(x, h.shape[0])
 
 
 def set_attention_slicing(model: nn.Module, query_tokens: int) -> None:

@@ -10,18 +10,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.attention import SpatialTransformer
+from ldm.modules.attention import SpatialTransformer, tile_batch
 from ldm.modules.diffusionmodules.util import checkpoint, normalization, timestep_embedding, zero_module
 from ldm.modules.winograd import Conv3x3
 
 
 class TimestepEmbedSequential(nn.Sequential):
-    """A sequence that hands the timestep embedding to ResBlocks and the context to SpatialTransformers."""
+    """A sequence that hands the timestep embedding to ResBlocks (tiled as x is: a guided batch's x may pass a
+    cross-attention here, see :meth:`UNetModel.forward`) and the context to SpatialTransformers."""
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, emb)
+                x = layer(x, tile_batch(emb, x.shape[0]))
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
             else:
@@ -156,7 +157,12 @@ class UNetModel(nn.Module):
                                  zero_module(Conv3x3(model_channels, out_channels)))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, C, H, W) noisy latents; timesteps: (B,) real-valued; context: (B, M, context_dim)."""
+        """x: (B, C, H, W) noisy latents; timesteps: (B,) real-valued; context: (B, M, context_dim) → (B, C, H, W).
+
+        Or a guided batch with each distinct x once: x and timesteps of B rows, context of B·n rows ordered as
+        ``torch.cat([x] * n)`` pairs them → (B·n, C, H, W), the result of ``torch.cat([x] * n)`` and the same
+        timesteps repeated, computed once up to the first cross-attention (see :mod:`ldm.modules.attention`).
+        """
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
         h = x.to(dtype)
@@ -167,5 +173,5 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = block(torch.cat([h, tile_batch(skips.pop(), h.shape[0])], dim=1), emb, context)
         return self.out(h).to(x.dtype)
