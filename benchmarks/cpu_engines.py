@@ -2,9 +2,9 @@
 
 Ours in torch float32 as the scripts set it up (Winograd, channels_last) and diffusers' UNet in float32; then
 OpenVINO on diffusers' UNet (f32 and bf16 inference precision: the peer's setup, as FastSD CPU and the OpenVINO
-notebooks convert it) and our ``--backend openvino`` (f32, bf16). Batch 2 (classifier-free guidance); after one
-warm-up call each, ``--repeats`` rounds alternating within each group (torch, then OpenVINO: together they do not
-fit in 24 GB), the median of each. Every
+notebooks convert it) and our ``--backend openvino`` (f32, bf16). Batch 2 ([x, x]: classifier-free guidance); after one
+warm-up call each, ``--repeats`` rounds alternating within each group (torch; OpenVINO f32; OpenVINO bf16:
+together they do not fit in 24 GB), the median of each. Every
 engine's output is compared with diffusers' float32 one first (max |difference| / max |output|). Prints a Markdown
 table with ratios to OpenVINO f32 and the CPU's name.
 
@@ -59,12 +59,14 @@ class DiffusersCall(torch.nn.Module):
 
 
 def models(latent: int) -> tuple:
-    """Our UNet and diffusers' on the same random weights, and one input."""
+    """Our UNet and diffusers' on the same random weights, and one guided input: [x, x] at one timestep with two
+    contexts, as classifier-free guidance calls the UNet (our OpenVINO engine passes that x once)."""
     config = load_config(ROOT / "configs/stable-diffusion/v1-inference.yaml")
     model = randomize_parameters_(build_model(config).eval())
     state = {f"model.diffusion_model.{k}": v for k, v in model.model.diffusion_model.state_dict().items()}
     peer = DiffusersCall(diffusers_unet(state, config))
-    example = (torch.randn(2, 4, latent, latent), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768))
+    example = (torch.randn(1, 4, latent, latent).repeat(2, 1, 1, 1), torch.tensor([500.0, 500.0]),
+               torch.randn(2, 77, 768))
     return model, peer, example
 
 
@@ -83,7 +85,7 @@ def timed(table: dict, example: tuple, reference: torch.Tensor, repeats: int) ->
 
 @torch.no_grad()
 def measure(latent: int, repeats: int) -> list[tuple[str, float, float]]:
-    """Two rounds, torch engines then OpenVINO ones (all at once do not fit in 24 GB)."""
+    """Torch engines, then OpenVINO ones a precision at a time, peer beside ours (all at once do not fit in 24 GB)."""
     model, peer, example = models(latent)
     reference = peer(*example)
     plain = copy.deepcopy(model.model.diffusion_model)
@@ -93,13 +95,12 @@ def measure(latent: int, repeats: int) -> list[tuple[str, float, float]]:
     del model
     gc.collect()
     with tempfile.TemporaryDirectory() as cache:
-        table = {"OpenVINO f32 (diffusers' UNet)": openvino_on(peer, "f32", example),
-                 "ours --backend openvino f32": OpenVINOUNet(plain, "f32", Path(cache)),
-                 "OpenVINO bf16 (diffusers' UNet)": openvino_on(peer, "bf16", example),
-                 "ours --backend openvino bf16": OpenVINOUNet(plain, "bf16", Path(cache))}
-        del peer
-        gc.collect()
-        rows += timed(table, example, reference, repeats)
+        for precision in ("f32", "bf16"):
+            pair = {f"OpenVINO {precision} (diffusers' UNet)": openvino_on(peer, precision, example),
+                    f"ours --backend openvino {precision}": OpenVINOUNet(plain, precision, Path(cache))}
+            rows += timed(pair, example, reference, repeats)
+            del pair
+            gc.collect()
     return rows
 
 
