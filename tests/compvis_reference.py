@@ -1,6 +1,7 @@
 """The original scripts' loops, written out step for step as CompVis' txt2img.py / img2img.py and their DDIM and
 PLMS samplers run them (float32 tensors, a noise draw in every DDIM update), to compare our scripts' pictures and
 random-number use with. DPM-Solver is the seed's: ``DPM_Solver(model_wrapper(...)).sample`` on fresh noise.
+A v-prediction model (the demo model) is read as Stability's SD 2 samplers read it: ε from (x_t, v).
 """
 
 import numpy as np
@@ -28,9 +29,11 @@ class OriginalDDIM:
     def eps(self, x, step, c, uc, scale):
         t = torch.full((x.shape[0],), int(step), dtype=torch.long)
         if uc is None:
-            return self.model.apply_model(x, t, c)
-        e_u, e_c = self.model.apply_model(torch.cat([x] * 2), torch.cat([t] * 2), torch.cat([uc, c])).chunk(2)
-        return e_u + scale * (e_c - e_u)
+            out = self.model.apply_model(x, t, c)
+        else:
+            e_u, e_c = self.model.apply_model(torch.cat([x] * 2), torch.cat([t] * 2), torch.cat([uc, c])).chunk(2)
+            out = e_u + scale * (e_c - e_u)
+        return self.model.predict_eps_from_z_and_v(x, t, out) if self.model.parameterization == "v" else out
 
     def x_prev(self, x, e_t, index):
         a_t, a_prev, sigma_t = (torch.full((x.shape[0], 1, 1, 1), float(v[index]))
@@ -68,7 +71,8 @@ class OriginalDDIM:
 
 def dpm_solver(model, x, c, uc, scale, steps):
     schedule = NoiseScheduleVP("discrete", alphas_cumprod=model.alphas_cumprod)
-    model_fn = model_wrapper(lambda x, t, cond: model.apply_model(x, t, cond), schedule, model_type="noise",
+    model_fn = model_wrapper(lambda x, t, cond: model.apply_model(x, t, cond), schedule,
+                             model_type="v" if model.parameterization == "v" else "noise",
                              guidance_type="classifier-free", condition=c, unconditional_condition=uc,
                              guidance_scale=scale)
     return DPM_Solver(model_fn, schedule, algorithm_type="dpmsolver++").sample(

@@ -32,17 +32,18 @@ def held_out_scores(demo_model):
 
 
 def test_it_follows_held_out_prompts(held_out_scores):
-    """The issue's colour and background targets (≥ 0.9; measured 0.91 and 0.98 on this exact protocol, README
-    table), and lower bounds a little below what shape and position measure (0.80, 0.59). The first weights
-    scored 0.42 / 0.84 / 0.59 / 0.27. Chance: colour 1/8, shape 1/4, background 1/5."""
+    """The issue's colour and background targets (≥ 0.9; measured 0.94 and 0.98 on this exact protocol, README
+    table), and lower bounds a little below what shape and position measure (0.80, 0.69; the ε weights before
+    these: 0.80, 0.59). The first weights scored 0.42 / 0.84 / 0.59 / 0.27. Chance: colour 1/8, shape 1/4,
+    background 1/5; weights that ignore the corner words score about 0.6 on position (README)."""
     assert held_out_scores["colour"] >= 0.9, held_out_scores
     assert held_out_scores["background"] >= 0.9, held_out_scores
     assert held_out_scores["shape"] >= 0.75, held_out_scores
-    assert held_out_scores["position"] >= 0.55, held_out_scores
+    assert held_out_scores["position"] >= 0.64, held_out_scores
 
 
 @pytest.mark.xfail(strict=True, reason="the issue's shape and position targets are not reached: measured 0.80 and "
-                   "0.59 on held-out pairs (targets 0.9 / 0.8); see README, 'The demo model'")
+                   "0.69 on held-out pairs (targets 0.9 / 0.8); see README, 'The demo model'")
 def test_it_reaches_the_issues_shape_and_position_targets_on_held_out_prompts(held_out_scores):
     assert held_out_scores["shape"] >= 0.9, held_out_scores
     assert held_out_scores["position"] >= 0.8, held_out_scores
