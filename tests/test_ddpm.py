@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
 from omegaconf import OmegaConf
 
 from conftest import TINY_CONFIG
@@ -121,3 +122,20 @@ def test_schedule_variants():
     assert model.betas.max() <= 0.999 and np.all(np.diff(model.alphas_cumprod.numpy()) < 0)
     with pytest.raises(ValueError, match="beta schedule"):
         tiny_with(beta_schedule="quadratic")
+
+
+def test_zero_terminal_snr_is_diffusers_rescaled_schedule_with_a_floor():
+    """Lin et al.'s rescaled β equal diffusers' ``rescale_betas_zero_snr``; ᾱ_T is kept at 2⁻²⁴ (diffusers' Euler
+    and DPM-Solver schedulers do the same) so that σ_T and log-SNR stay finite; ε-prediction is refused."""
+    model = tiny_with(parameterization="v", zero_terminal_snr=True, linear_start=0.00085, linear_end=0.012)
+    reference = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", rescale_betas_zero_snr=True)
+    torch.testing.assert_close(model.alphas_cumprod[:-1], reference.alphas_cumprod[:-1], rtol=1e-5, atol=1e-8)
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # diffusers' in float64
+    torch.testing.assert_close(model.betas[:-1], rescale_zero_terminal_snr(betas)[:-1].float(), rtol=1e-5, atol=1e-8)
+    assert reference.alphas_cumprod[-1] < 1e-12 and model.alphas_cumprod[-1].item() == 2.0 ** -24
+    assert model.alphas_cumprod[0] == tiny_with(linear_start=0.00085, linear_end=0.012).alphas_cumprod[0]
+    for name in SCHEDULE_BUFFERS:
+        assert torch.isfinite(getattr(model, name)).all(), name
+    with pytest.raises(ValueError, match="zero_terminal_snr"):
+        tiny_with(zero_terminal_snr=True)

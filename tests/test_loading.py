@@ -339,3 +339,19 @@ def test_sd2_and_inpainting_checkpoints_load_whole(name, tmp_path, caplog):
         loaded = load_model(CONFIGS / name, path)
     assert "0 missing, 0 unexpected, 0 skipped" in caplog.text
     assert_same_weights(loaded, model.state_dict())
+
+
+def test_a_zero_terminal_snr_config_keeps_its_schedule_over_the_checkpoints(tiny_state_dict, tmp_path, caplog):
+    """Fine-tunes trained on the rescaled schedule carry the SD schedule buffers they started from: the config's
+    ``zero_terminal_snr`` decides, and the file's buffers are reported as skipped."""
+    config = load_config(TINY_CONFIG)
+    config.model.params.update(parameterization="v", zero_terminal_snr=True)
+    path = tmp_path / "zsnr-fine-tune.safetensors"
+    save_file(tiny_state_dict, path)
+    with caplog.at_level(logging.DEBUG, logger="ldm"):
+        model = load_model(config, path)
+    assert "0 missing, 0 unexpected, 12 skipped" in caplog.text
+    assert model.alphas_cumprod[-1].item() == 2.0 ** -24 != tiny_state_dict["alphas_cumprod"][-1].item()
+    torch.testing.assert_close(model.alphas_cumprod, build_model(config).alphas_cumprod)
+    assert torch.equal(model.model.diffusion_model.out[2].weight,
+                       tiny_state_dict["model.diffusion_model.out.2.weight"])

@@ -1,5 +1,6 @@
 """The demo model's recipe is reproducible: each config trains from scratch through main.py and its loss falls."""
 
+import pytest
 import torch
 
 from conftest import ROOT, load_script
@@ -116,3 +117,26 @@ def test_offset_noise_hides_each_channels_mean():
     assert abs(offset.var().item() - 1.09) < 0.01
     pyramid = DiffusionTraining(model, noise_pyramid=0.5).noise(z)
     assert pyramid.shape == z.shape and abs(pyramid.var().item() - (1 + sum(0.25 ** k for k in range(1, 5)))) < 0.02
+
+
+def test_continuing_may_add_zero_initialised_modules_and_take_the_configs_schedule(tmp_path):
+    """A run that adds attention at 16×16 (``init_adds_modules``) starts from the checkpoint's network exactly
+    (the new blocks' output projections are zero), keeps the rest strict, and a zero-terminal-SNR run keeps its
+    own schedule over the checkpoint's buffers."""
+    config = load_config(LDM)
+    seed_everything(0)
+    checkpoint = export_weights(build_model(config), tmp_path / "start.safetensors")
+    config.model.params.unet_config.params.attention_resolutions = [1, 2, 4]
+    config.model.params.update(parameterization="v", zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="does not fit"):
+        DiffusionTraining(build_model(config), init_ckpt=str(checkpoint))
+    module = DiffusionTraining(build_model(config), init_ckpt=str(checkpoint), init_adds_modules=True)
+    start = load_model(LDM, checkpoint)
+    x, t = torch.randn(2, 8, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([10, 900])
+    with torch.no_grad():
+        context = start.get_learned_conditioning(["a red star", "a small blue circle"])
+        torch.testing.assert_close(module.model.apply_model(x, t, context), start.apply_model(x, t, context))
+    assert module.model.alphas_cumprod[-1].item() == 2.0 ** -24 < start.alphas_cumprod[-1].item()
+    config.model.params.unet_config.params.attention_resolutions = [2]  # the checkpoint's 4×4 attention: unexpected
+    with pytest.raises(ValueError, match="does not fit"):
+        DiffusionTraining(build_model(config), init_ckpt=str(checkpoint), init_adds_modules=True)

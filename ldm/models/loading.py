@@ -245,9 +245,14 @@ def _is_skipped(key: str, model: nn.Module) -> bool:
     """Checkpoint entries the model does not use, on purpose.
 
     ``model_ema.*`` when the config has ``use_ema: False`` (the original loads the non-EMA weights then too);
-    the text encoder's ``position_ids``, which newer transformers recompute instead of storing.
+    the text encoder's ``position_ids``, which newer transformers recompute instead of storing; the schedule
+    buffers (``betas``, ``alphas_cumprod``, …) when the config rescales the schedule (``zero_terminal_snr``):
+    a checkpoint keeps the buffers of the schedule it was first made with, and the config says which one it
+    was trained on since.
     """
     if key.startswith("model_ema.") and not hasattr(model, "model_ema"):
+        return True
+    if getattr(model, "zero_terminal_snr", False) and "." not in key and key != "scale_factor":
         return True
     return key.startswith("cond_stage_model.") and key.endswith(".position_ids")
 
@@ -300,13 +305,13 @@ def match_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -
     report = LoadReport()
     mismatched = []
     for key, tensor in state_dict.items():
-        if key in expected:
+        if _is_skipped(key, model):
+            report.skipped.append(key)
+        elif key in expected:
             report.loaded.append(key)
             if tuple(tensor.shape) != tuple(expected[key].shape):
                 mismatched.append(f"{key} is {tuple(tensor.shape)} in the checkpoint, {tuple(expected[key].shape)} "
                                   "in the model")
-        elif _is_skipped(key, model):
-            report.skipped.append(key)
         else:
             report.unexpected.append(key)
     report.missing = [key for key in expected if key not in state_dict]

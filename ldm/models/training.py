@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from ldm.models.loading import read_checkpoint
+from ldm.models.loading import load_state_dict, read_checkpoint
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,12 @@ class DiffusionTraining(pl.LightningModule):
     (Hang et al. 2023), which stop the nearly clean timesteps from dominating training (None: SD's uniform).
 
     ``init_ckpt``: a whole LatentDiffusion checkpoint to continue from (e.g. the shipped demo weights), loaded
-    strictly. ``noise_offset``: the training noise gets ``noise_offset``·N(0, 1) added per sample and channel
+    strictly (the schedule buffers are the config's when it sets ``zero_terminal_snr``); with
+    ``init_adds_modules`` the config may add modules the checkpoint lacks (e.g. attention at another resolution,
+    whose output projection starts at zero, so the network starts as the checkpoint's): those keys keep their
+    initialisation, every other key must match.
+
+    ``noise_offset``: the training noise gets ``noise_offset``·N(0, 1) added per sample and channel
     (constant over the image, "offset noise"). SD's schedule keeps √ᾱ_T ≈ 0.07 of the image at t = T, and on a
     16×16 latent the per-channel mean of the noise is only N(0, 1/256): a picture's overall colour shows through
     the noisiest step, so the network learns to read it from x_T instead of from the caption, and at sampling
@@ -72,7 +77,7 @@ class DiffusionTraining(pl.LightningModule):
     def __init__(self, model, learning_rate: float = 1e-4, first_stage_ckpt: str | None = None,
                  weight_decay: float = 0.0, caption_dropout: float = 0.1, snr_gamma: float | None = None,
                  init_ckpt: str | None = None, noise_offset: float = 0.0, noise_pyramid: float = 0.0,
-                 ema_decay: float | None = None):
+                 ema_decay: float | None = None, init_adds_modules: bool = False):
         super().__init__()
         self.model = model
         self.learning_rate = learning_rate
@@ -83,11 +88,7 @@ class DiffusionTraining(pl.LightningModule):
         self.noise_pyramid = noise_pyramid
         self.ema_decay = ema_decay
         if init_ckpt is not None:
-            state_dict = read_checkpoint(init_ckpt).state_dict
-            own = model.state_dict()
-            model.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in state_dict.items()},
-                                  strict=True)
-            logger.info("continuing from %s", init_ckpt)
+            self.continue_from(init_ckpt, init_adds_modules)
         if first_stage_ckpt is not None:
             state_dict = read_checkpoint(first_stage_ckpt).state_dict
             prefix = "first_stage_model."
@@ -97,6 +98,15 @@ class DiffusionTraining(pl.LightningModule):
             logger.info("first stage loaded from %s", first_stage_ckpt)
         self._ema: dict[str, torch.Tensor] = {}
         self._ema_updates = 0
+
+    def continue_from(self, checkpoint: str, adds_modules: bool) -> None:
+        report = load_state_dict(self.model, read_checkpoint(checkpoint).state_dict)
+        if report.unexpected or report.missing and not adds_modules:
+            raise ValueError(f"{checkpoint} does not fit this config: {report.summary()}")
+        if report.missing:
+            logger.info("%d keys new in this config keep their initialisation, e.g. %s", len(report.missing),
+                        report.missing[0])
+        logger.info("continuing from %s (%s)", checkpoint, report.summary())
 
     def trained_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The UNet's parameters, and the text encoder's when it trains along (names as in the model)."""

@@ -10,10 +10,12 @@ For data x_0 ~ N(μ, s²) per element and x_t = α_t·x_0 + σ_t·ε, the ideal 
 import numpy as np
 import torch
 
-from ldm.modules.diffusionmodules.util import make_beta_schedule
+from ldm.modules.diffusionmodules.util import make_beta_schedule, rescale_zero_terminal_snr
 
 SD_ALPHAS_CUMPROD = torch.tensor(np.cumprod(1 - make_beta_schedule("linear", 1000, 0.00085, 0.012)),
                                  dtype=torch.float32)
+ZERO_TERMINAL_SNR_ALPHAS_CUMPROD = torch.tensor(np.cumprod(1 - rescale_zero_terminal_snr(
+    make_beta_schedule("linear", 1000, 0.00085, 0.012))), dtype=torch.float32)
 
 
 def ideal_noise(x: torch.Tensor, alpha, sigma, mu, s: float) -> torch.Tensor:
@@ -27,17 +29,19 @@ def exact_solution(x: torch.Tensor, alpha_from: float, alpha_to: float, mu, s: f
     return alpha_to * mu + (x - alpha_from * mu) / spread(alpha_from) * spread(alpha_to)
 
 
-def log_alpha_at(timesteps: torch.Tensor) -> torch.Tensor:
+def log_alpha_at(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor = SD_ALPHAS_CUMPROD) -> torch.Tensor:
     """log α at real-valued DDPM timesteps, linear between the integers (as the discrete NoiseScheduleVP)."""
-    log_alphas = 0.5 * SD_ALPHAS_CUMPROD.double().log()
+    log_alphas = 0.5 * alphas_cumprod.double().cpu().log()
     t = timesteps.double().cpu()
     return torch.from_numpy(np.interp(t.numpy(), np.arange(1000), log_alphas.numpy())).to(timesteps.device)
 
 
-def log_alpha_between_sigmas(timesteps: torch.Tensor) -> torch.Tensor:
+def log_alpha_between_sigmas(timesteps: torch.Tensor,
+                             alphas_cumprod: torch.Tensor = SD_ALPHAS_CUMPROD) -> torch.Tensor:
     """log α at real-valued DDPM timesteps with log σ linear between the integers (as k-diffusion's σ ↔ t), where
     σ = √((1 − ᾱ)/ᾱ) and α = 1/√(1 + σ²)."""
-    log_sigmas = 0.5 * ((1 - SD_ALPHAS_CUMPROD.double()) / SD_ALPHAS_CUMPROD.double()).log()
+    alphas_cumprod = alphas_cumprod.double().cpu()
+    log_sigmas = 0.5 * ((1 - alphas_cumprod) / alphas_cumprod).log()
     t = timesteps.double().cpu()
     log_sigma = torch.from_numpy(np.interp(t.numpy(), np.arange(1000), log_sigmas.numpy()))
     return (-0.5 * torch.log1p(torch.exp(2 * log_sigma))).to(timesteps.device)
@@ -49,7 +53,8 @@ def ideal_denoiser(x: torch.Tensor, sigma: float, mu, s: float) -> torch.Tensor:
 
 
 class GaussianLatentDiffusion:
-    """Stands in for LatentDiffusion: SD v1's schedule and the ideal predictor for Gaussian data N(μ, s²).
+    """Stands in for LatentDiffusion: SD v1's schedule (or ``alphas_cumprod``) and the ideal predictor for Gaussian
+    data N(μ, s²).
 
     Between integer timesteps, log α is linear (DPM-Solver's discrete schedule), or with ``sigma_space`` log σ
     (k-diffusion's), so that the model is exact for the samplers that step in that time.
@@ -62,11 +67,11 @@ class GaussianLatentDiffusion:
     num_timesteps = 1000
 
     def __init__(self, mu: float = 0.3, s: float = 0.5, device: str = "cpu", sigma_space: bool = False,
-                 parameterization: str = "eps"):
+                 parameterization: str = "eps", alphas_cumprod: torch.Tensor = SD_ALPHAS_CUMPROD):
         if parameterization not in ("eps", "v"):
             raise ValueError(f"parameterization must be eps or v, got {parameterization!r}")
         self.mu, self.s, self.sigma_space, self.parameterization = mu, s, sigma_space, parameterization
-        self.alphas_cumprod = SD_ALPHAS_CUMPROD.to(device)
+        self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float32).to(device)
         self.device = torch.device(device)
         self.calls = 0
         self.timesteps_seen: list[float] = []
@@ -75,7 +80,7 @@ class GaussianLatentDiffusion:
         self.calls += 1
         self.timesteps_seen.append(float(t[0]))
         shape = (-1, *([1] * (x.dim() - 1)))
-        log_alpha = log_alpha_between_sigmas(t) if self.sigma_space else log_alpha_at(t)
+        log_alpha = (log_alpha_between_sigmas if self.sigma_space else log_alpha_at)(t, self.alphas_cumprod)
         alpha = log_alpha.exp().view(shape)
         sigma = (1 - alpha ** 2).sqrt()
         mu = self.mu if cond is None else cond.double().view(shape)

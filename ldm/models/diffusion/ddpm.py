@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
+from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule, rescale_zero_terminal_snr
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.util import count_params, instantiate_from_config
@@ -69,7 +69,7 @@ class DDPM(nn.Module):
                  channels: int = 3, loss_type: str = "l2", l_simple_weight: float = 1.0,
                  original_elbo_weight: float = 0.0, learn_logvar: bool = False, logvar_init: float = 0.0,
                  monitor: str = "val/loss", scheduler_config: Mapping[str, Any] | None = None,
-                 first_stage_key: str = "image", log_every_t: int = 100):
+                 first_stage_key: str = "image", log_every_t: int = 100, zero_terminal_snr: bool = False):
         super().__init__()
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
@@ -83,7 +83,11 @@ class DDPM(nn.Module):
         if use_ema:
             self.model_ema = LitEma(self.model)
         self.v_posterior = v_posterior
-        self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+        if zero_terminal_snr and parameterization == "eps":
+            raise ValueError("zero_terminal_snr needs parameterization v or x0: ε cannot be predicted from pure noise")
+        self.zero_terminal_snr = zero_terminal_snr
+        self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s,
+                               zero_terminal_snr)
         self.loss_type = loss_type
         self.l_simple_weight = l_simple_weight
         self.original_elbo_weight = original_elbo_weight
@@ -100,12 +104,15 @@ class DDPM(nn.Module):
 
     def register_schedule(self, given_betas: Sequence[float] | None = None, beta_schedule: str = "linear",
                           timesteps: int = 1000, linear_start: float = 1e-4, linear_end: float = 2e-2,
-                          cosine_s: float = 8e-3) -> None:
-        """Compute the schedule in float64 and store it as float32 buffers (all in the state dict)."""
+                          cosine_s: float = 8e-3, zero_terminal_snr: bool = False) -> None:
+        """Compute the schedule in float64 and store it as float32 buffers (all in the state dict);
+        ``zero_terminal_snr`` rescales it to ᾱ_T ≈ 0 (:func:`rescale_zero_terminal_snr`)."""
         if given_betas is not None:
             betas = np.asarray(given_betas, dtype=np.float64)
         else:
             betas = make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+        if zero_terminal_snr:
+            betas = rescale_zero_terminal_snr(betas)
         alphas_cumprod = np.cumprod(1.0 - betas)
         alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
         self.num_timesteps = len(betas)

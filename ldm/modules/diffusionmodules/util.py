@@ -31,6 +31,26 @@ def make_beta_schedule(schedule: str, n_timestep: int, linear_start: float = 1e-
     raise ValueError(f"unknown beta schedule {schedule!r}; expected linear, cosine, sqrt_linear or sqrt")
 
 
+TERMINAL_ALPHA_CUMPROD = 2.0 ** -24
+"""ᾱ_T of a zero-terminal-SNR schedule as stored: 0 would make log-SNR and σ infinite at t = T, so it is kept at
+2⁻²⁴ (√ᾱ_T ≈ 2.4·10⁻⁴, σ_T = 4096), as diffusers' samplers do; no sampler then needs a special case."""
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """β_t rescaled so that √ᾱ_t is shifted to 0 at t = T and scaled back to its value at t = 1 (Lin et al.
+    2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1), ᾱ_T then floored at
+    :data:`TERMINAL_ALPHA_CUMPROD`.
+
+    SD's schedule leaves √ᾱ_T ≈ 0.07 of the image in x_T, so a network learns to read the picture's layout from
+    x_T, which at sampling time is pure noise; with ᾱ_T ≈ 0 it must take it from the prompt. Needs the v (or x_0)
+    parameterization: ε is not predictable from x_T = ε."""
+    sqrt_alphas_cumprod = np.sqrt(np.cumprod(1.0 - betas))
+    first, last = sqrt_alphas_cumprod[0], sqrt_alphas_cumprod[-1]
+    alphas_cumprod = ((sqrt_alphas_cumprod - last) * first / (first - last)) ** 2
+    alphas_cumprod[-1] = TERMINAL_ALPHA_CUMPROD
+    return 1.0 - alphas_cumprod / np.append(1.0, alphas_cumprod[:-1])
+
+
 def extract_into_tensor(values: torch.Tensor, t: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
     """Pick ``values[t]`` per batch element and shape it ``(B, 1, 1, …)`` to broadcast against ``x_shape``."""
     out = values.gather(-1, t)
