@@ -8,7 +8,7 @@ from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
 from omegaconf import OmegaConf
 
 from conftest import TINY_CONFIG
-from ldm.models.loading import build_model, load_config
+from ldm.models.loading import ConfigError, build_model, load_config
 
 SCHEDULE_BUFFERS = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
@@ -65,7 +65,7 @@ def test_prediction_conversions_are_consistent(tiny_model):
 
 def test_parameterization_is_checked_and_v_is_representable():
     assert tiny_with(parameterization="v").parameterization == "v"
-    with pytest.raises(ValueError, match="parameterization"):
+    with pytest.raises(ConfigError, match="parameterization"):
         tiny_with(parameterization="score")
 
 
@@ -120,7 +120,7 @@ def test_scale_by_std_stores_scale_factor_in_the_state_dict():
 def test_schedule_variants():
     model = tiny_with(beta_schedule="cosine")
     assert model.betas.max() <= 0.999 and np.all(np.diff(model.alphas_cumprod.numpy()) < 0)
-    with pytest.raises(ValueError, match="beta schedule"):
+    with pytest.raises(ConfigError, match="beta schedule"):
         tiny_with(beta_schedule="quadratic")
 
 
@@ -137,5 +137,5 @@ def test_zero_terminal_snr_is_diffusers_rescaled_schedule_with_a_floor():
     assert model.alphas_cumprod[0] == tiny_with(linear_start=0.00085, linear_end=0.012).alphas_cumprod[0]
     for name in SCHEDULE_BUFFERS:
         assert torch.isfinite(getattr(model, name)).all(), name
-    with pytest.raises(ValueError, match="zero_terminal_snr"):
+    with pytest.raises(ConfigError, match="zero_terminal_snr"):
         tiny_with(zero_terminal_snr=True)

@@ -200,8 +200,11 @@ def build_model(config: str | Path | Mapping, meta: bool = False) -> nn.Module:
     initialisation time, for loading a checkpoint into (``load_state_dict(..., assign=True)``).
     """
     config = load_config(config)
-    with _parameters_on_meta() if meta else contextlib.nullcontext():
-        model = instantiate_from_config(config.model)
+    try:
+        with _parameters_on_meta() if meta else contextlib.nullcontext():
+            model = instantiate_from_config(config.model)
+    except ValueError as error:  # a value the classes refuse (parameterization, zero_terminal_snr with ε, …)
+        raise ConfigError(f"the config's model cannot be built: {error}") from None
     model.source_config = OmegaConf.to_container(config)  # what it was built from (LoRA names need it)
     return model
 
