@@ -49,8 +49,9 @@ class Scene:
     width: float
 
 
-def caption(scene: Scene, with_size: bool = True, with_position: bool = True, with_background: bool = True) -> str:
-    words = ["a"] + ([scene.size] if with_size else []) + [scene.colour, scene.shape]
+def caption(scene: Scene, with_size: bool = True, with_position: bool = True, with_background: bool = True,
+            with_colour: bool = True) -> str:
+    words = ["a"] + ([scene.size] if with_size else []) + ([scene.colour] if with_colour else []) + [scene.shape]
     if with_position:
         words.append(scene.position)
     if with_background:
@@ -108,14 +109,27 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     return image.resize((size, size), Image.LANCZOS)
 
 
+MENTIONS = {"size": 0.6, "position": 0.6, "background": 0.5, "colour": 1.0}  # the odds a caption names each
+
+
 class ShapesDataset(Dataset):
     """``length`` images drawn from indices ``offset …``; item = {"image": (H, W, 3) in [−1, 1], "caption": str}.
 
-    ``held_out`` selects the held-out (colour, shape) pairs instead of the training ones.
+    ``held_out`` selects the held-out (colour, shape) pairs instead of the training ones. ``mentions`` overrides
+    :data:`MENTIONS`, the odds that a caption names the size, position, background and colour (the shape is
+    always named); the images do not depend on them. Naming the position more often gives the rare teaching
+    signal for corners (a small shape, a corner named, a step so noisy the network must place it from the
+    caption alone) more weight; leaving the colour out sometimes teaches the shape word to stand on its own, which
+    a held-out (colour, shape) pair needs.
     """
 
-    def __init__(self, length: int = 50_000, size: int = 64, seed: int = 0, held_out: bool = False):
+    def __init__(self, length: int = 50_000, size: int = 64, seed: int = 0, held_out: bool = False,
+                 mentions: dict[str, float] | None = None):
         self.length, self.size, self.seed, self.held_out = length, size, seed, held_out
+        unknown = set(mentions or {}) - set(MENTIONS)
+        if unknown:
+            raise ValueError(f"mentions: unknown attributes {sorted(unknown)}; known: {list(MENTIONS)}")
+        self.mentions = {**MENTIONS, **(mentions or {})}
 
     def __len__(self) -> int:
         return self.length
@@ -123,8 +137,8 @@ class ShapesDataset(Dataset):
     def scene(self, index: int) -> tuple[Scene, str]:
         rng = np.random.default_rng([self.seed, index, int(self.held_out)])
         scene = random_scene(rng, self.held_out)
-        with_size, with_position, with_background = rng.random(3) < (0.6, 0.6, 0.5)
-        return scene, caption(scene, with_size, with_position, with_background)
+        named = rng.random(len(MENTIONS)) < [self.mentions[name] for name in MENTIONS]
+        return scene, caption(scene, *named)
 
     def __getitem__(self, index: int) -> dict:
         scene, text = self.scene(index)
