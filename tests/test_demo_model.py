@@ -5,7 +5,7 @@ import logging
 import pytest
 
 from conftest import ROOT
-from ldm.data.shapes import held_out_adherence
+from ldm.data.shapes import held_out_adherence, held_out_scenes, reconstruction_adherence
 from ldm.models.loading import load_config, load_model
 
 CONFIG = ROOT / "configs/demo/shapes-inference.yaml"
@@ -42,8 +42,18 @@ def test_it_follows_held_out_prompts(held_out_scores):
     assert held_out_scores["position"] >= 0.64, held_out_scores
 
 
+def test_its_autoencoder_keeps_what_the_captions_name_but_some_small_shapes(demo_model):
+    """The same 64 held-out scenes rendered, encoded and decoded: colour, position and background survive; the
+    shape of a few small stars and triangles does not (measured 0.91 on these 64, 0.91 on 256), so no model in
+    this latent space is sure to reach the issue's shape target of 0.9 on them (README, 'The demo model')."""
+    kept = reconstruction_adherence(demo_model, held_out_scenes(64))
+    assert min(kept["colour"], kept["position"], kept["background"]) >= 0.95, kept
+    assert kept["shape"] >= 0.85, kept
+
+
 @pytest.mark.xfail(strict=True, reason="the issue's shape and position targets are not reached: measured 0.80 and "
-                   "0.69 on held-out pairs (targets 0.9 / 0.8); see README, 'The demo model'")
+                   "0.69 on held-out pairs (targets 0.9 / 0.8); the autoencoder's own reconstructions of these scenes "
+                   "score 0.91 on shape; see README, 'The demo model'")
 def test_it_reaches_the_issues_shape_and_position_targets_on_held_out_prompts(held_out_scores):
     assert held_out_scores["shape"] >= 0.9, held_out_scores
     assert held_out_scores["position"] >= 0.8, held_out_scores

@@ -243,6 +243,20 @@ def adherence(model, sampler, scenes: list[tuple[Scene, str]], steps: int = 25, 
     return score(torch.cat(batches), scenes)
 
 
+@torch.no_grad()
+def reconstruction_adherence(model, scenes: list[tuple[Scene, str]], batch_size: int = 64) -> dict[str, float]:
+    """:func:`score` of the first stage's reconstructions of the scenes' own renders: what a diffusion model
+    drawing exactly those scenes in its latent space would score (the autoencoder blurs a small star's points and
+    a small triangle's corners into shapes the detector, reading a 64×64 picture, no longer tells apart)."""
+    images = torch.stack([torch.from_numpy(np.asarray(render(scene), dtype=np.float32)) for scene, _ in scenes])
+    images = (images / 127.5 - 1).permute(0, 3, 1, 2).to(model.device)
+    autoencoder = model.first_stage_model
+    dtype = next(autoencoder.parameters()).dtype
+    batches = [autoencoder.decode(autoencoder.encode(chunk.to(dtype)).mode()).float()
+               for chunk in images.split(batch_size)]
+    return score((torch.cat(batches).clamp(-1, 1) + 1) / 2, scenes)
+
+
 def score(images: torch.Tensor, scenes: list[tuple[Scene, str]]) -> dict[str, float]:
     """The share of images (B, 3, H, W) in [0, 1] whose detected colour, shape, position and background match
     their scene's (the scenes' captions name all four, as :func:`held_out_scenes` writes them)."""
