@@ -23,7 +23,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from ldm.data.latents import PreEncoded
-from ldm.models.loading import build_model, load_config
+from ldm.models.loading import ConfigError, build_model, load_config
 from ldm.models.training import PeriodicEvaluation, export_weights
 from ldm.util import InputError, get_obj_from_str, instantiate_from_config, seed_everything
 
@@ -69,7 +69,10 @@ def pre_encoded(config, dataset, model) -> PreEncoded:
 
 
 def training_data(config, model) -> DataLoader:
-    dataset = instantiate_from_config(config.data.train)
+    try:
+        dataset = instantiate_from_config(config.data.train)
+    except ValueError as error:  # a value the dataset refuses (e.g. an unknown ShapesDataset mention)
+        raise ConfigError(f"data.train cannot be built: {error}") from None
     if config.data.get("pre_encode", False):
         dataset = pre_encoded(config, dataset, model)
         if model.scale_by_std and config.get("training", {}).get("params", {}).get("init_ckpt") is None:

@@ -5,10 +5,11 @@
     python benchmarks/demo_adherence.py --corners       # does the caption's corner steer the picture?
 
 Rows: new scenes of the trained (colour, shape) pairs and the held-out pairs, each at every guidance scale, with
-the README protocol (DPM-Solver, 25 steps, sampling seed 0, caption seed 1234), each after what the autoencoder keeps: the
-captions' own scenes rendered, encoded and decoded (a model drawing exactly those scenes in its latent space
-scores that; generated scenes differ in size and jitter, so it is a reference, not a strict bound). It is a script, not a test, so
-that the README's figures come from one command that anyone can rerun on the shipped file.
+the README protocol (DPM-Solver, 25 steps, sampling seed 0, caption seed 1234), each set after what the
+autoencoder keeps: the captions' own scenes rendered, encoded and decoded (a model drawing exactly those scenes in
+its latent space scores that; generated scenes differ in size and jitter, so it is a reference, not a strict
+bound). It is a script, not a test, so that the README's figures come from one command that anyone can rerun on
+the shipped file.
 
 ``--corners`` draws "a small red circle in the … corner" from the same 16 noises with each position and prints
 where each picture's shape was found: identical rows mean the noise, not the caption, chose the corner.
@@ -73,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|" + "---|" * len(ATTRIBUTES))
     for held_out in {"both": [False, True], "trained": [False], "held_out": [True]}[args.pairs]:
         label = "held-out pairs" if held_out else "new scenes of trained pairs"
-        ceiling = reconstruction_adherence(model, held_out_scenes(args.count, held_out=held_out))
+        kept = reconstruction_adherence(model, held_out_scenes(args.count, held_out=held_out))
         print(f"| {label}: the autoencoder's reconstructions of the scenes themselves | — | "
-              + " | ".join(f"{ceiling[a]:.2f}" for a in ATTRIBUTES) + " |", flush=True)
+              + " | ".join(f"{kept[a]:.2f}" for a in ATTRIBUTES) + " |", flush=True)
         for scale in args.scales:
             start = time.perf_counter()
             scores = held_out_adherence(model, count=args.count, steps=args.steps, scale=scale, held_out=held_out)

@@ -42,9 +42,10 @@ def test_mentions_change_the_captions_not_the_pictures():
     wordy = ShapesDataset(length=200, seed=3, mentions={"position": 1.0, "colour": 0.0})
     for index in range(len(default)):
         (scene, text), (same_scene, other_text) = default.scene(index), wordy.scene(index)
-        assert scene == same_scene and scene.colour in text.split()
-        assert scene.position in other_text and scene.colour not in other_text.split()
-        bare = [words.replace(f" {scene.position}", "").replace(f" {scene.colour} ", " ") for words in (text, other_text)]
-        assert bare[0] == bare[1]  # size and background named as before
+        named = f"{scene.colour} {scene.shape}"
+        assert scene == same_scene and named in text
+        assert scene.position in other_text and named not in other_text
+        bare = [words.replace(f" {scene.position}", "").replace(named, scene.shape) for words in (text, other_text)]
+        assert bare[0] == bare[1], (text, other_text)  # size and background named as before
     with pytest.raises(ValueError, match="shade"):
         ShapesDataset(mentions={"shade": 0.5})

@@ -83,6 +83,13 @@ def test_main_runs_no_code_from_a_config(tmp_path, monkeypatch, capsys):
     assert all(line.startswith("error: ") and "os.system" in line for line in capsys.readouterr().err.splitlines())
 
 
+def test_a_value_the_dataset_refuses_is_one_line_and_exit_2(tmp_path, capsys):
+    overrides = ["training.params.first_stage_ckpt=null", "data.train.params.mentions.shade=0.5"]
+    assert main.main(["--base", str(LDM), "-t", "-l", str(tmp_path), *overrides]) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: data.train cannot be built: mentions: unknown attributes "
+                                                    "['shade']; known: ['size', 'position', 'background', 'colour']"]
+
+
 def test_the_joint_average_covers_the_unet_and_the_text_encoder_and_is_swapped_back():
     """LitEma averages the UNet only; a text encoder trained along must be averaged with it, or the exported
     UNet would read features the exported text encoder no longer gives."""

@@ -250,11 +250,9 @@ def reconstruction_adherence(model, scenes: list[tuple[Scene, str]], batch_size:
     a small triangle's corners into shapes the detector, reading a 64×64 picture, no longer tells apart)."""
     images = torch.stack([torch.from_numpy(np.asarray(render(scene), dtype=np.float32)) for scene, _ in scenes])
     images = (images / 127.5 - 1).permute(0, 3, 1, 2).to(model.device)
-    autoencoder = model.first_stage_model
-    dtype = next(autoencoder.parameters()).dtype
-    batches = [autoencoder.decode(autoencoder.encode(chunk.to(dtype)).mode()).float()
+    batches = [model.decode_first_stage(model.get_first_stage_encoding(model.encode_first_stage(chunk).mode()))
                for chunk in images.split(batch_size)]
-    return score((torch.cat(batches).clamp(-1, 1) + 1) / 2, scenes)
+    return score((torch.cat(batches).float().clamp(-1, 1) + 1) / 2, scenes)
 
 
 def score(images: torch.Tensor, scenes: list[tuple[Scene, str]]) -> dict[str, float]:
