@@ -49,3 +49,10 @@ def test_mentions_change_the_captions_not_the_pictures():
         assert bare[0] == bare[1], (text, other_text)  # size and background named as before
     with pytest.raises(ValueError, match="shade"):
         ShapesDataset(mentions={"shade": 0.5})
+
+
+@pytest.mark.parametrize("mentions", [{"colour": 1.5}, {"position": -0.1}, {"size": "often"}, {"colour": True},
+                                      ["position"]])
+def test_mention_odds_outside_0_to_1_or_not_numbers_are_refused_when_the_dataset_is_built(mentions):
+    with pytest.raises(ValueError, match="mentions"):
+        ShapesDataset(mentions=mentions)

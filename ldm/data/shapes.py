@@ -9,6 +9,7 @@ position from its centroid), used to measure prompt adherence of generated image
 """
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,6 +113,24 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
 MENTIONS = {"size": 0.6, "position": 0.6, "background": 0.5, "colour": 1.0}  # the odds a caption names each
 
 
+def mention_odds(mentions: Mapping[str, float] | None) -> dict[str, float]:
+    """:data:`MENTIONS` with ``mentions`` in place of its odds; a ValueError names an unknown attribute or odds
+    that are not a number in [0, 1] (a config's typo, caught before training starts rather than at its first
+    caption)."""
+    mentions = {} if mentions is None else mentions
+    if not isinstance(mentions, Mapping):
+        raise ValueError(f"mentions: expected attribute: odds pairs, got {mentions!r}")
+    unknown = set(mentions) - set(MENTIONS)
+    if unknown:
+        raise ValueError(f"mentions: unknown attributes {sorted(unknown)}; known: {list(MENTIONS)}")
+    odds = {**MENTIONS, **mentions}
+    invalid = {name: value for name, value in odds.items()
+               if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1}
+    if invalid:
+        raise ValueError(f"mentions: odds must be numbers in [0, 1], got {invalid}")
+    return odds
+
+
 class ShapesDataset(Dataset):
     """``length`` images drawn from indices ``offset …``; item = {"image": (H, W, 3) in [−1, 1], "caption": str}.
 
@@ -126,10 +145,7 @@ class ShapesDataset(Dataset):
     def __init__(self, length: int = 50_000, size: int = 64, seed: int = 0, held_out: bool = False,
                  mentions: dict[str, float] | None = None):
         self.length, self.size, self.seed, self.held_out = length, size, seed, held_out
-        unknown = set(mentions or {}) - set(MENTIONS)
-        if unknown:
-            raise ValueError(f"mentions: unknown attributes {sorted(unknown)}; known: {list(MENTIONS)}")
-        self.mentions = {**MENTIONS, **(mentions or {})}
+        self.mentions = mention_odds(mentions)
 
     def __len__(self) -> int:
         return self.length
@@ -138,7 +154,7 @@ class ShapesDataset(Dataset):
         rng = np.random.default_rng([self.seed, index, int(self.held_out)])
         scene = random_scene(rng, self.held_out)
         named = rng.random(len(MENTIONS)) < [self.mentions[name] for name in MENTIONS]
-        return scene, caption(scene, *named)
+        return scene, caption(scene, **{f"with_{name}": bool(flag) for name, flag in zip(MENTIONS, named)})
 
     def __getitem__(self, index: int) -> dict:
         scene, text = self.scene(index)
