@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 from conftest import ROOT
 from ldm.models.loading import build_model
-from ldm.modules.encoders.modules import END_OF_TEXT, START_OF_TEXT, FrozenCLIPEmbedder, clip_tokenizer
+from ldm.modules.encoders.modules import (END_OF_TEXT, START_OF_TEXT, FrozenCLIPEmbedder, clip_tokenizer,
+                                          lend_attention_key)
 from ldm.testing.diffusers_interop import (diffusers_pipeline, transformers_openclip_text_encoder,
                                            transformers_text_encoder)
 from ldm.util import InputError, count_params, randomize_parameters_
@@ -92,6 +93,55 @@ def test_embedder_is_frozen_and_in_eval_mode(tiny_model):
         assert tiny_model.model.training
     finally:
         tiny_model.eval()
+
+
+def _keyed_tower() -> FrozenCLIPEmbedder:
+    """A one-head, one-layer tower whose every query is the same vector c: tokens whose embedding holds c (here
+    "left" and "right") get the attention, as a head of the demo model's text tower picks out "left"/"right"."""
+    torch.manual_seed(0)
+    encoder = FrozenCLIPEmbedder(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=1))
+    layer, table = encoder.transformer.text_model.encoder.layers[0], encoder.token_embedding.weight
+    common = torch.randn(32)
+    with torch.no_grad():
+        table.normal_(std=1.0)
+        encoder.transformer.text_model.embeddings.position_embedding.weight.zero_()
+        for word in ("left", "right"):
+            table[clip_tokenizer()(word, add_special_tokens=False)["input_ids"][0]] += 2 * common
+        layer.self_attn.q_proj.weight.zero_()
+        layer.self_attn.q_proj.bias.copy_(common)
+        layer.self_attn.k_proj.weight.copy_(torch.eye(32))
+        layer.self_attn.k_proj.bias.zero_()
+    encoder.transformer.text_model.config._attn_implementation = "eager"
+    return encoder
+
+
+def test_a_lent_attention_key_makes_the_head_that_reads_a_word_read_another():
+    """The end-of-text token's attention on "top" in "… top left …" before and after "top"/"bottom" borrow
+    "left"/"right"'s key; the rows move by the formula, the rest of the table does not."""
+    encoder = _keyed_tower()
+    tokens = encoder.tokenize(["a circle in the top left corner"])
+    top = tokens[0].tolist().index(clip_tokenizer()("top", add_special_tokens=False)["input_ids"][0])
+    end = tokens[0].tolist().index(END_OF_TEXT)
+
+    def attention_on_top() -> float:
+        with torch.no_grad():
+            attentions = encoder.transformer.text_model(input_ids=tokens, output_attentions=True).attentions
+        return float(attentions[0][0, 0, end, top])
+
+    before, table = attention_on_top(), encoder.token_embedding.weight.detach().clone()
+    ids = [clip_tokenizer()(word, add_special_tokens=False)["input_ids"][0] for word in
+           ("top", "bottom", "left", "right")]
+    lend_attention_key(encoder, ["top", "bottom"], ["left", "right"], weight=1.0, spread=0.5)
+    after = encoder.token_embedding.weight.detach()
+    assert before < 0.05 and attention_on_top() > 0.3, (before, attention_on_top())
+    own, lent = table[ids[:2]], table[ids[2:]].mean(dim=0)
+    torch.testing.assert_close(after[ids[:2]], own + lent + 0.5 * (own - own.mean(dim=0)))
+    unchanged = torch.ones(len(table), dtype=torch.bool)
+    unchanged[ids[:2]] = False
+    assert torch.equal(after[unchanged], table[unchanged])
+    with pytest.raises(ValueError, match="not one"):
+        lend_attention_key(encoder, ["topmost corner"], ["left"], weight=1.0)
 
 
 def test_a_prompt_cut_to_77_tokens_is_reported_once_with_what_was_dropped(caplog):

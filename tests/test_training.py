@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from conftest import ROOT, load_script
-from ldm.models.loading import build_model, load_config, load_model
+from ldm.models.loading import ConfigError, build_model, load_config, load_model
 from ldm.models.training import AutoencoderTraining, DiffusionTraining, export_weights
+from ldm.modules.encoders.modules import lend_attention_key
 from ldm.util import instantiate_from_config, seed_everything
 
 main = load_script("../main")
@@ -147,3 +148,20 @@ def test_continuing_may_add_zero_initialised_modules_and_take_the_configs_schedu
     config.model.params.unet_config.params.attention_resolutions = [2]  # the checkpoint's 4×4 attention: unexpected
     with pytest.raises(ValueError, match="does not fit"):
         DiffusionTraining(build_model(config), init_ckpt=str(checkpoint), init_adds_modules=True)
+
+
+def test_a_lent_attention_key_is_applied_to_the_weights_continued_from(tmp_path):
+    """``lend_attention_key`` acts on the checkpoint's embeddings (after loading, not before it overwrites them); a
+    typo in it is one ConfigError (main.py: one line, exit 2), not a traceback."""
+    config = load_config(LDM)
+    seed_everything(0)
+    checkpoint = export_weights(build_model(config), tmp_path / "start.safetensors")
+    lend = {"words": ["top", "bottom"], "like": ["left", "right"], "weight": 3.0, "spread": 1.0}
+    module = DiffusionTraining(build_model(config), init_ckpt=str(checkpoint), lend_attention_key=lend)
+    expected = load_model(LDM, checkpoint).cond_stage_model
+    lend_attention_key(expected, **lend)
+    torch.testing.assert_close(module.model.cond_stage_model.token_embedding.weight, expected.token_embedding.weight)
+    assert not torch.equal(expected.token_embedding.weight, load_model(LDM, checkpoint).cond_stage_model
+                           .token_embedding.weight)
+    with pytest.raises(ConfigError, match="lend_attention_key: .*wieght"):
+        DiffusionTraining(build_model(config), lend_attention_key={"words": ["top"], "like": ["left"], "wieght": 3})

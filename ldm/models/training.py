@@ -16,7 +16,8 @@ import pytorch_lightning as pl
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from ldm.models.loading import load_state_dict, read_checkpoint
+from ldm.models.loading import ConfigError, load_state_dict, read_checkpoint
+from ldm.modules.encoders.modules import lend_attention_key as lend_key
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,9 @@ class DiffusionTraining(pl.LightningModule):
     strictly (the schedule buffers are the config's when it sets ``zero_terminal_snr``); with
     ``init_adds_modules`` the config may add modules the checkpoint lacks (e.g. attention at another resolution,
     whose output projection starts at zero, so the network starts as the checkpoint's): those keys keep their
-    initialisation, every other key must match.
+    initialisation, every other key must match. ``lend_attention_key``: {words, like, weight, spread} for
+    :func:`ldm.modules.encoders.modules.lend_attention_key`, applied to the text encoder once the weights are loaded
+    (the tenth sitting's remedy for a word no attention head carries).
 
     ``noise_offset``: the training noise gets ``noise_offset``·N(0, 1) added per sample and channel
     (constant over the image, "offset noise"). SD's schedule keeps √ᾱ_T ≈ 0.07 of the image at t = T, and on a
@@ -77,7 +80,8 @@ class DiffusionTraining(pl.LightningModule):
     def __init__(self, model, learning_rate: float = 1e-4, first_stage_ckpt: str | None = None,
                  weight_decay: float = 0.0, caption_dropout: float = 0.1, snr_gamma: float | None = None,
                  init_ckpt: str | None = None, noise_offset: float = 0.0, noise_pyramid: float = 0.0,
-                 ema_decay: float | None = None, init_adds_modules: bool = False):
+                 ema_decay: float | None = None, init_adds_modules: bool = False,
+                 lend_attention_key: dict[str, Any] | None = None):
         super().__init__()
         self.model = model
         self.learning_rate = learning_rate
@@ -96,6 +100,12 @@ class DiffusionTraining(pl.LightningModule):
                 state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
             model.first_stage_model.load_state_dict(state_dict, strict=True)
             logger.info("first stage loaded from %s", first_stage_ckpt)
+        if lend_attention_key is not None:
+            try:
+                lend_key(model.cond_stage_model, **lend_attention_key)
+            except (TypeError, ValueError) as error:  # a config's typo: one line, before training starts
+                raise ConfigError(f"lend_attention_key: {error}") from None
+            logger.info("attention key lent: %s", dict(lend_attention_key))
         self._ema: dict[str, torch.Tensor] = {}
         self._ema_updates = 0
 

@@ -364,3 +364,31 @@ def read_embedding(path: Path) -> torch.Tensor:
     if vectors.dim() != 2 or not 1 <= len(vectors) <= CHUNK_TOKENS or not vectors.is_floating_point():
         raise InputError(f"embedding {path} is not 1 to {CHUNK_TOKENS} vectors (shape {tuple(tensors[0].shape)})")
     return vectors
+
+
+def lend_attention_key(encoder: PromptEncoder, words: Sequence[str], like: Sequence[str], weight: float,
+                       spread: float = 0.0) -> None:
+    """Move the embeddings of ``words`` towards the mean of ``like``'s, so attention heads that pick ``like`` out of a
+    prompt pick ``words`` too: e ← e + weight·mean(e_like) + spread·(e − mean(e_words)), per word of ``words``.
+
+    A remedy for a learned blind spot (the demo model, README "Tenth sitting"): a small text tower's few heads
+    carry each attribute of the caption to the end-of-text tokens, where the UNet reads them; when no head carries
+    a word, neither network has a gradient to start carrying it (the UNet does not react to it, so the tower is not
+    asked to pass it on). Sharing the key of words a head already carries puts them into its output; ``spread``
+    widens the words' differences, which the shared part would otherwise dilute after the layer norm. Each word
+    must be one token of the vocabulary.
+    """
+    def token(word: str) -> int:
+        ids = clip_tokenizer()(clean_text(word), add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"{word!r} is {len(ids)} tokens, not one")
+        return ids[0]
+
+    if not words or not like:
+        raise ValueError(f"words and like each need a word, got {list(words)} and {list(like)}")
+    table = encoder.token_embedding.weight
+    with torch.no_grad():
+        lent = table[[token(word) for word in like]].mean(dim=0)
+        rows = [token(word) for word in words]
+        own = table[rows]
+        table[rows] = own + weight * lent + spread * (own - own.mean(dim=0))
