@@ -22,16 +22,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ldm.data.shapes import (ATTRIBUTES, POSITIONS, describe, held_out_adherence, held_out_scenes,  # noqa: E402
-                             reconstruction_adherence, render)
+from ldm.data.shapes import (ATTRIBUTES, POSITIONS, describe, encoded_scenes, held_out_adherence,  # noqa: E402
+                             held_out_scenes, reconstruction_adherence)
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler  # noqa: E402
 from ldm.models.loading import load_model  # noqa: E402
+from ldm.models.training import denoising_error  # noqa: E402
 
 
 def corner_rows(model, steps: int, scale: float, count: int = 16, subject: str = "red circle") -> list[str]:
@@ -64,22 +64,20 @@ def swapped(caption: str, word: str, other: str) -> str:
 
 
 def swap_costs(model, count: int = 256, low: int = 900, high: int = 1000) -> dict[str, float]:
-    """Mean squared error of the network's prediction for ``count`` new corner scenes of trained pairs (rendered,
-    encoded, one noise and one t ∈ [low, high) each), with each axis's words swapped, minus that with the captions
-    as written."""
+    """The simple loss (:func:`ldm.models.training.denoising_error`) for ``count`` new corner scenes of trained pairs
+    (rendered, encoded, one noise and one t ∈ [low, high) each), with each axis's words swapped, minus that with the
+    captions as written."""
     scenes = [(scene, text) for scene, text in held_out_scenes(8 * count, held_out=False)
               if "corner" in scene.position][:count]
-    images = torch.stack([torch.from_numpy(np.asarray(render(scene), dtype=np.float32)) for scene, _ in scenes])
-    z = model.get_first_stage_encoding(model.encode_first_stage((images / 127.5 - 1).permute(0, 3, 1, 2)).mode())
+    z = encoded_scenes(model, scenes)
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn(z.shape, generator=generator)
     t = torch.randint(low, high, (len(z),), generator=generator)
-    target = {"eps": noise, "x0": z, "v": model.get_v(z, noise, t)}[model.parameterization]
-    x_t = model.q_sample(z, t, noise)
 
     def error(captions: list[str]) -> float:
-        return sum(float((model.apply_model(x_t[i:i + 64], t[i:i + 64], model.get_learned_conditioning(
-            captions[i:i + 64])) - target[i:i + 64]).pow(2).sum()) for i in range(0, len(z), 64)) / target.numel()
+        return float(torch.cat([denoising_error(model, z[i:i + 64], t[i:i + 64], noise[i:i + 64],
+                                                model.get_learned_conditioning(captions[i:i + 64]))
+                                for i in range(0, len(z), 64)]).mean())
 
     captions = [text for _, text in scenes]
     written = error(captions)

@@ -264,11 +264,19 @@ def reconstruction_adherence(model, scenes: list[tuple[Scene, str]], batch_size:
     """:func:`score` of the first stage's reconstructions of the scenes' own renders: what a diffusion model
     drawing exactly those scenes in its latent space would score (the autoencoder blurs a small star's points and
     a small triangle's corners into shapes the detector, reading a 64×64 picture, no longer tells apart)."""
+    latents = encoded_scenes(model, scenes, batch_size)
+    batches = [model.decode_first_stage(chunk) for chunk in latents.split(batch_size)]
+    return score((torch.cat(batches).float().clamp(-1, 1) + 1) / 2, scenes)
+
+
+@torch.no_grad()
+def encoded_scenes(model, scenes: list[tuple[Scene, str]], batch_size: int = 64) -> torch.Tensor:
+    """The scenes rendered and encoded by the first stage (its posterior's mode, scaled): the latents the diffusion
+    model learns to draw, (B, C, h, w)."""
     images = torch.stack([torch.from_numpy(np.asarray(render(scene), dtype=np.float32)) for scene, _ in scenes])
     images = (images / 127.5 - 1).permute(0, 3, 1, 2).to(model.device)
-    batches = [model.decode_first_stage(model.get_first_stage_encoding(model.encode_first_stage(chunk).mode()))
-               for chunk in images.split(batch_size)]
-    return score((torch.cat(batches).float().clamp(-1, 1) + 1) / 2, scenes)
+    return torch.cat([model.get_first_stage_encoding(model.encode_first_stage(chunk).mode())
+                      for chunk in images.split(batch_size)])
 
 
 def score(images: torch.Tensor, scenes: list[tuple[Scene, str]]) -> dict[str, float]:

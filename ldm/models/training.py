@@ -28,6 +28,15 @@ def images_from_batch(batch: dict, key: str) -> torch.Tensor:
     return batch[key].permute(0, 3, 1, 2).contiguous().float()
 
 
+def denoising_error(model, z: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond: Any) -> torch.Tensor:
+    """Per sample, the mean of (network(x_t, t, c) − target)² (|·| for ``loss_type`` l1), x_t = √ᾱ_t·z + √(1 − ᾱ_t)·noise,
+    the target ε, x_0 or v by the model's ``parameterization``: the simple loss before its weights."""
+    prediction = model.apply_model(model.q_sample(z, t, noise), t, cond)
+    target = {"eps": noise, "x0": z, "v": model.get_v(z, noise, t)}[model.parameterization]
+    error = (prediction - target).abs() if model.loss_type == "l1" else (prediction - target).pow(2)
+    return error.mean(dim=tuple(range(1, error.dim())))
+
+
 class AutoencoderTraining(pl.LightningModule):
     def __init__(self, model, learning_rate: float = 1e-3, kl_weight: float = 1e-6):
         super().__init__()
@@ -187,11 +196,7 @@ class DiffusionTraining(pl.LightningModule):
 
     def loss(self, z: torch.Tensor, cond: Any) -> torch.Tensor:
         t = torch.randint(0, self.model.num_timesteps, (z.shape[0],), device=z.device)
-        noise = self.noise(z)
-        prediction = self.model.apply_model(self.model.q_sample(z, t, noise), t, cond)
-        target = {"eps": noise, "x0": z, "v": self.model.get_v(z, noise, t)}[self.model.parameterization]
-        error = (prediction - target).abs() if self.model.loss_type == "l1" else (prediction - target).pow(2)
-        per_sample = error.mean(dim=tuple(range(1, error.dim())))
+        per_sample = denoising_error(self.model, z, t, self.noise(z), cond)
         return self.model.l_simple_weight * (self.loss_weights(t) * per_sample).mean()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
