@@ -52,3 +52,34 @@ def test_an_original_file_in_half_precision_and_no_overwriting(tmp_path, tiny_ch
                        tiny_model.state_dict()["model.diffusion_model.out.2.weight"].half())
     assert convert.main(argv) == 2
     assert_one_error_line(capsys, "exists; refusing to overwrite it")
+
+
+def test_a_weighted_sum_merge_is_the_weighted_sum_of_the_two_files(tmp_path, tiny_checkpoint, capsys):
+    """AUTOMATIC1111's checkpoint merger, "weighted sum": (1 − M)·A + M·B per weight, checked in float64 against
+    the two files as read by safetensors; a ratio outside [0, 1] is one error line."""
+    other = tmp_path / "other.safetensors"
+    second = randomize_parameters_(build_model(TINY_CONFIG), seed=5).state_dict()
+    save_file({key: value.contiguous() for key, value in second.items()}, other)
+    out = tmp_path / "merged.safetensors"
+    argv = ["--config", str(TINY_CONFIG), "--ckpt", str(tiny_checkpoint), "--merge", str(other), "--original", str(out)]
+    assert convert.main(argv + ["--merge_ratio", "0.3"]) == 0
+    merged, first = load_file(out), load_file(tiny_checkpoint)
+    weights = [key for key in merged if merged[key].is_floating_point()]
+    assert len(weights) > 100
+    for key in weights:
+        expected = 0.7 * first[key].double() + 0.3 * second[key].double()
+        assert torch.allclose(merged[key].double(), expected, rtol=1e-6, atol=1e-7), key
+    assert not torch.equal(merged["model.diffusion_model.out.2.weight"], first["model.diffusion_model.out.2.weight"])
+    assert convert.main(argv[:-1] + [str(tmp_path / "again.safetensors"), "--merge_ratio", "1.5"]) == 2
+    assert_one_error_line(capsys, "--merge_ratio 1.5 is outside [0, 1]")
+
+
+def test_a_merge_with_a_file_of_another_model_is_one_error_line(tmp_path, tiny_checkpoint, capsys):
+    unet_only = tmp_path / "unet-only.safetensors"
+    save_file({key: value for key, value in load_file(tiny_checkpoint).items()
+               if key.startswith("model.diffusion_model.")}, unet_only)
+    out = tmp_path / "merged.safetensors"
+    assert convert.main(["--config", str(TINY_CONFIG), "--ckpt", str(tiny_checkpoint), "--merge", str(unet_only),
+                         "--original", str(out)]) == 2
+    assert_one_error_line(capsys, "lacks weights the model needs")
+    assert not out.exists()

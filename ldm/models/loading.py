@@ -425,6 +425,19 @@ def load_vae(model: nn.Module, path: str | Path) -> None:
                Path(path).name, len(expected), len(extra))
 
 
+@torch.no_grad()
+def merge_weighted_sum(model: nn.Module, other: nn.Module, ratio: float) -> None:
+    """AUTOMATIC1111's "weighted sum" checkpoint merge, in place: θ ← (1 − ratio)·θ + ratio·θ_other for every
+    floating-point weight and buffer of two models built from one config, computed in float32 from the loaded
+    weights and rounded once to their dtype.
+    Fine-tunes of one model average well into one that is often better than either ("model soups", Wortsman et
+    al. 2022); integer buffers (token positions) are kept."""
+    others = other.state_dict()
+    for key, value in model.state_dict().items():
+        if value.is_floating_point():
+            value.copy_(torch.lerp(value.float(), others[key].float(), ratio).to(value.dtype))
+
+
 # diffusers model folders: each part's weights file.
 DIFFUSERS_PARTS = {
     "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
