@@ -21,7 +21,7 @@ def test_the_checkpoint_is_small_complete_and_needs_no_safety_checker(caplog):
     assert CHECKPOINT.stat().st_size <= 30 * 2 ** 20
     with caplog.at_level(logging.DEBUG, logger="ldm"):
         load_model(CONFIG, CHECKPOINT)
-    assert "0 missing, 0 unexpected, 0 skipped" in caplog.text
+    assert "0 missing, 0 unexpected, 12 skipped" in caplog.text  # the schedule buffers zero_terminal_snr recomputes
     assert load_config(CONFIG).safety_checker is False
 
 
@@ -32,14 +32,14 @@ def held_out_scores(demo_model):
 
 
 def test_it_follows_held_out_prompts(held_out_scores):
-    """The issue's colour and background targets (≥ 0.9; measured 0.94 and 0.98 on this exact protocol, README
-    table), and lower bounds a little below what shape and position measure (0.80, 0.69; the ε weights before
-    these: 0.80, 0.59). The first weights scored 0.42 / 0.84 / 0.59 / 0.27. Chance: colour 1/8, shape 1/4,
-    background 1/5; weights that ignore the corner words score about 0.6 on position (README)."""
+    """The issue's colour, position and background targets (≥ 0.9, 0.8, 0.9; measured 0.91, 0.95 and 0.91 on this
+    exact protocol, README table), and a lower bound a little below what shape measures (0.88). The weights before
+    these scored 0.94 / 0.80 / 0.69 / 0.98, the first ones 0.42 / 0.84 / 0.59 / 0.27. Chance: colour 1/8, shape
+    1/4, background 1/5; weights that ignore the corner words score about 0.7 on position (README)."""
     assert held_out_scores["colour"] >= 0.9, held_out_scores
     assert held_out_scores["background"] >= 0.9, held_out_scores
-    assert held_out_scores["shape"] >= 0.75, held_out_scores
-    assert held_out_scores["position"] >= 0.64, held_out_scores
+    assert held_out_scores["position"] >= 0.8, held_out_scores
+    assert held_out_scores["shape"] >= 0.85, held_out_scores
 
 
 def test_its_autoencoder_keeps_what_the_captions_name_but_some_small_shapes(demo_model):
@@ -51,9 +51,8 @@ def test_its_autoencoder_keeps_what_the_captions_name_but_some_small_shapes(demo
     assert kept["shape"] >= 0.85, kept
 
 
-@pytest.mark.xfail(strict=True, reason="the issue's shape and position targets are not reached: measured 0.80 and "
-                   "0.69 on held-out pairs (targets 0.9 / 0.8); the autoencoder's own reconstructions of these scenes "
-                   "score 0.91 on shape; see README, 'The demo model'")
-def test_it_reaches_the_issues_shape_and_position_targets_on_held_out_prompts(held_out_scores):
+@pytest.mark.xfail(strict=True, reason="the issue's shape target is not reached: measured 0.88 on held-out pairs "
+                   "(target 0.9); the autoencoder's own reconstructions of these scenes score 0.91; see README, "
+                   "'The demo model'")
+def test_it_reaches_the_issues_shape_target_on_held_out_prompts(held_out_scores):
     assert held_out_scores["shape"] >= 0.9, held_out_scores
-    assert held_out_scores["position"] >= 0.8, held_out_scores
