@@ -32,27 +32,19 @@ def held_out_scores(demo_model):
 
 
 def test_it_follows_held_out_prompts(held_out_scores):
-    """The issue's colour, position and background targets (≥ 0.9, 0.8, 0.9; measured 0.91, 0.95 and 0.91 on this
-    exact protocol, README table), and a lower bound a little below what shape measures (0.88). The weights before
-    these scored 0.94 / 0.80 / 0.69 / 0.98, the first ones 0.42 / 0.84 / 0.59 / 0.27. Chance: colour 1/8, shape
-    1/4, background 1/5; weights that ignore the corner words score about 0.7 on position (README)."""
+    """The issue's targets: colour, shape, position and background ≥ 0.9, 0.9, 0.8, 0.9 (measured 0.91, 0.92, 0.95
+    and 0.91 on this exact protocol, README table). The weights before these scored 0.94 / 0.92 / 0.69 / 0.98, the
+    first ones 0.42 / 0.98 / 0.59 / 0.27 (read by today's detector). Chance: colour 1/8, shape 1/4, background 1/5;
+    weights that ignore the corner words score about 0.7 on position (README)."""
     assert held_out_scores["colour"] >= 0.9, held_out_scores
-    assert held_out_scores["background"] >= 0.9, held_out_scores
-    assert held_out_scores["position"] >= 0.8, held_out_scores
-    assert held_out_scores["shape"] >= 0.85, held_out_scores
-
-
-def test_its_autoencoder_keeps_what_the_captions_name_but_some_small_shapes(demo_model):
-    """The same 64 held-out scenes rendered, encoded and decoded: colour, position and background survive; the
-    shape of a few small stars and triangles does not (measured 0.91 on these 64, 0.91 on 256), so no model in
-    this latent space is sure to reach the issue's shape target of 0.9 on them (README, 'The demo model')."""
-    kept = reconstruction_adherence(demo_model, held_out_scenes(64))
-    assert min(kept["colour"], kept["position"], kept["background"]) >= 0.95, kept
-    assert kept["shape"] >= 0.85, kept
-
-
-@pytest.mark.xfail(strict=True, reason="the issue's shape target is not reached: measured 0.88 on held-out pairs "
-                   "(target 0.9); the autoencoder's own reconstructions of these scenes score 0.91; see README, "
-                   "'The demo model'")
-def test_it_reaches_the_issues_shape_target_on_held_out_prompts(held_out_scores):
     assert held_out_scores["shape"] >= 0.9, held_out_scores
+    assert held_out_scores["position"] >= 0.8, held_out_scores
+    assert held_out_scores["background"] >= 0.9, held_out_scores
+
+
+def test_its_autoencoder_keeps_what_the_captions_name(demo_model):
+    """The same 64 held-out scenes rendered, encoded and decoded: all four survive (measured 0.98 / 0.97 / 1.00 /
+    1.00; the autoencoder softens a small star's points, which the detector still reads, README 'Thirteenth
+    sitting'), so the targets ask the diffusion model, not the autoencoder."""
+    kept = reconstruction_adherence(demo_model, held_out_scenes(64))
+    assert min(kept.values()) >= 0.95, kept
